@@ -1,0 +1,3 @@
+from ckptsurgeon.cli import main
+
+main()

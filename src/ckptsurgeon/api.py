@@ -1,0 +1,123 @@
+"""The Python API: what the CLI does, as functions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from ckptsurgeon._version import __version__
+from ckptsurgeon.errors import UsageError
+from ckptsurgeon.formats.reader import open_checkpoint
+from ckptsurgeon.formats.table import LazyStateDict, cast_floating, parse_dtype
+from ckptsurgeon.formats.writer import WriteResult, refuse_overwriting_inputs, write_checkpoint
+
+
+def provenance(source: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Metadata recorded in every output: which tool wrote it, and from what."""
+    return {
+        "producer": f"ckptsurgeon {__version__}",
+        "source": os.path.basename(source),
+        **(extra or {}),
+    }
+
+
+def load(
+    path: str | os.PathLike, key: str | None = None, allow_globals: Iterable[str] = ()
+) -> LazyStateDict:
+    """A lazy mapping name -> tensor; each tensor is read when it is first asked for."""
+    return LazyStateDict(open_checkpoint(path, key, allow_globals).tensors)
+
+
+def convert(
+    source: str,
+    output: str,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int | None = None,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
+) -> WriteResult:
+    """Rewrite ``source`` into the format ``output``'s suffix names, optionally casting
+    floating tensors to ``dtype`` and sharding a folder output."""
+    ckpt = open_checkpoint(source, key, allow_globals)
+    refuse_overwriting_inputs(output, [source, *ckpt.files])
+    table = ckpt.tensors
+    if dtype is not None:
+        try:
+            table = cast_floating(table, parse_dtype(dtype))
+        except ValueError as exc:
+            raise UsageError(f"--dtype: {exc}") from None
+    return write_checkpoint(
+        table, output, max_shard_size=max_shard_size, metadata=provenance(source)
+    )
+
+
+def apply(
+    rules: str | os.PathLike,
+    *,
+    source: str | None = None,
+    output: str | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """Run a rules file as ``ckptsurgeon apply`` does; returns the report (a dict).
+
+    Raises :class:`~ckptsurgeon.errors.FitError` when the result does not fit the target
+    (nothing is written), RulesError for an invalid rules file, InputError for bad input.
+    """
+    from ckptsurgeon.engine.apply import apply_file
+
+    return apply_file(rules, source=source, output=output, dry_run=dry_run)
+
+
+def load_into(
+    model,
+    path: str | os.PathLike,
+    *,
+    rules: list[dict] | None = None,
+    key: str | None = None,
+    strict: bool = True,
+    seed: int = 0,
+    allow_globals: Iterable[str] = (),
+):
+    """Load ``path`` into ``model`` after applying ``rules`` (a list of op dicts).
+
+    With ``strict`` (the default) anything missing, unexpected or mis-shaped raises
+    FitError listing it, before any parameter is touched. Returns torch's
+    ``_IncompatibleKeys``.
+    """
+    from ckptsurgeon.engine.plan import run_rules
+    from ckptsurgeon.errors import FitError
+    from ckptsurgeon.rules.document import parse_rules
+    from ckptsurgeon.target.check import check_table
+    from ckptsurgeon.target.spec import TargetInfo, expected_from_model
+
+    spec = parse_rules({"rules": rules or [], "seed": seed}, "load_into(rules=...)")
+    target = TargetInfo(f"model {type(model).__name__}", expected_from_model(model), model)
+    table, _ = run_rules(spec, open_checkpoint(path, key, allow_globals).tensors, target)
+    result = check_table(table, target)
+    if strict and not result.ok:
+        raise FitError(
+            f"{path} does not load strictly into {type(model).__name__}:\n  "
+            + "\n  ".join(result.lines())
+        )
+    state = {name: ref.load() for name, ref in table.items()}
+    return model.load_state_dict(state, strict=strict)
+
+
+def check(
+    path: str | os.PathLike,
+    target: str,
+    *,
+    kwargs: dict | None = None,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
+):
+    """Would ``path`` load strictly into ``target`` (a model spec, checkpoint or manifest)?
+    Returns a :class:`~ckptsurgeon.target.check.CheckResult`."""
+    import json
+
+    from ckptsurgeon.target.check import check_table
+    from ckptsurgeon.target.spec import target_from_cli
+
+    info = target_from_cli(target, json.dumps(kwargs) if kwargs else None)
+    return check_table(open_checkpoint(path, key, allow_globals).tensors, info)

@@ -1,0 +1,251 @@
+"""The ``ckptsurgeon`` command: a thin shell over the library.
+
+Heavy imports (torch, the engine) happen inside each command so that ``--help``,
+``validate`` and ``schema`` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ckptsurgeon.errors import CkptSurgeonError
+
+_DEBUG = False
+
+
+def _stderr(message: str) -> None:
+    click.echo(f"ckptsurgeon: {message}", err=True)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map library exceptions to SPEC's exit codes with one line on stderr."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CkptSurgeonError as exc:
+            if _DEBUG:
+                traceback.print_exc()
+            _stderr(f"error: {exc}")
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _stderr("interrupted; nothing was written")
+            sys.exit(130)
+        except Exception as exc:  # a bug of ours: still one line, details behind --debug
+            if _DEBUG:
+                traceback.print_exc()
+            _stderr(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)")
+            sys.exit(1)
+
+    return wrapper
+
+
+def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--key`` and ``--allow-global``, shared by every command that reads a checkpoint."""
+    fn = click.option(
+        "--key",
+        default=None,
+        help="Nested container holding the state dict (state_dict, model, a/b).",
+    )(fn)
+    fn = click.option(
+        "--allow-global",
+        "allow_globals",
+        multiple=True,
+        metavar="module.Name",
+        help="Admit a named benign class in a pickle (repeatable).",
+    )(fn)
+    return fn
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="ckptsurgeon")
+def cli(debug: bool) -> None:
+    """Checkpoint surgery: rewrite keys and tensors by rules, prove the result loads
+    strictly into the target model, write it safely, and fine-tune from it."""
+    global _DEBUG
+    _DEBUG = debug
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a valid manifest).")
+@click.option("--filter", "pattern", default=None, metavar="REGEX", help="Only names matching.")
+@source_options
+@handle_errors
+def inspect(
+    path: str, as_json: bool, pattern: str | None, key: str | None, allow_globals: tuple[str, ...]
+) -> None:
+    """Tensors, shapes, dtypes, bytes and a prefix tree of a checkpoint."""
+    from ckptsurgeon.formats import open_checkpoint
+    from ckptsurgeon.reporting import inspect as report
+    from ckptsurgeon.rules.patterns import compile_pattern
+
+    if pattern:
+        compile_pattern(pattern, "--filter")
+    summary = report.summarize(open_checkpoint(path, key, allow_globals), pattern)
+    if as_json:
+        _print_json(summary)
+    else:
+        report.render(summary, _console())
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("output")
+@click.option("--dtype", default=None, help="Cast floating tensors (bfloat16, float16, ...).")
+@click.option("--max-shard-size", default=None, help="Shard a folder output, e.g. 5GB.")
+@source_options
+@handle_errors
+def convert(
+    source: str,
+    output: str,
+    dtype: str | None,
+    max_shard_size: str | None,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+) -> None:
+    """Convert a checkpoint to another format with no rules."""
+    from ckptsurgeon.api import convert as convert_api
+
+    result = convert_api(
+        source,
+        output,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        key=key,
+        allow_globals=allow_globals,
+    )
+    from ckptsurgeon.reporting.text import human_bytes
+
+    _stderr(f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})")
+
+
+@cli.command()
+@click.argument("rules_file", metavar="RULES.yaml")
+@click.option("--source", default=None, help="Override the rules file's source (relative to cwd).")
+@click.option("--output", default=None, help="Override output.path (relative to cwd).")
+@click.option("--dry-run", is_flag=True, help="Plan and check only; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--report", "report_path", default=None, help="Also write the JSON report here.")
+@click.option("--no-finetune", is_flag=True, help="Skip the finetune: section, if any.")
+@handle_errors
+def apply(
+    rules_file: str,
+    source: str | None,
+    output: str | None,
+    dry_run: bool,
+    as_json: bool,
+    report_path: str | None,
+    no_finetune: bool,
+) -> None:
+    """Load, rewrite by the rules, check against the target, write."""
+    from ckptsurgeon.engine.apply import apply_file
+    from ckptsurgeon.engine.plan import PlanFailed
+    from ckptsurgeon.reporting import plan as plan_report
+
+    try:
+        report = apply_file(rules_file, source=source, output=output, dry_run=dry_run)
+    except PlanFailed as exc:
+        _emit_report(exc.report, as_json, report_path, show=as_json)
+        raise
+    _emit_report(
+        report, as_json, report_path, show=True, render=lambda r: plan_report.render(r, _console())
+    )
+
+
+def _emit_report(
+    report: dict,
+    as_json: bool,
+    path: str | None,
+    show: bool,
+    render: Callable[[dict], None] | None = None,
+) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    if show and as_json:
+        _print_json(report)
+    elif show and render:
+        render(report)
+
+
+@cli.command()
+@click.argument("path")
+@click.option(
+    "--target",
+    "target",
+    required=True,
+    metavar="SPEC",
+    help="pkg.module:callable, file.py:callable, a checkpoint or a manifest.",
+)
+@click.option("--kwargs", default=None, metavar="JSON", help="Keyword arguments for the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@source_options
+@handle_errors
+def check(
+    path: str,
+    target: str,
+    kwargs: str | None,
+    as_json: bool,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+) -> None:
+    """Does PATH load strictly into the target? Exit 0 if so, 1 if not."""
+    from ckptsurgeon.formats import open_checkpoint
+    from ckptsurgeon.target.check import check_table
+    from ckptsurgeon.target.spec import target_from_cli
+
+    info = target_from_cli(target, kwargs)
+    result = check_table(open_checkpoint(path, key, allow_globals).tensors, info)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        verdict = "loads strictly into" if result.ok else "does NOT load strictly into"
+        click.echo(f"{path} {verdict} {result.target}")
+        for line in result.lines():
+            click.echo(f"  {line}")
+    if not result.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("rules_file", metavar="RULES.yaml")
+@handle_errors
+def validate(rules_file: str) -> None:
+    """Check a rules file against the schema; nothing is loaded."""
+    from ckptsurgeon.rules.document import load_rules
+
+    rules = load_rules(rules_file)
+    click.echo(f"{rules_file}: valid ({len(rules.rules)} rules)")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of the rules file (for editors)."""
+    from ckptsurgeon.rules.document import RulesFile
+
+    _print_json(RulesFile.model_json_schema())
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def main() -> None:
+    cli(prog_name="ckptsurgeon")

@@ -1,0 +1,68 @@
+"""``apply``: plan, check, then stream the result to its output atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ckptsurgeon.api import provenance
+from ckptsurgeon.engine.plan import PlanFailed, make_plan
+from ckptsurgeon.errors import UsageError
+from ckptsurgeon.formats.writer import refuse_overwriting_inputs, write_checkpoint
+from ckptsurgeon.rules.document import RulesFile, load_rules
+
+
+def apply_rules(
+    rules: RulesFile,
+    base_dir: str,
+    *,
+    source: str | None = None,
+    output: str | None = None,
+    dry_run: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Plan, check and (unless ``dry_run``) write; returns the report.
+
+    Raises PlanFailed (exit 1) when the result does not fit the target; nothing is written.
+    """
+    plan = make_plan(rules, base_dir, source=source, output=output)
+    report = plan.report(dry_run=dry_run)
+    if plan.check is not None and not plan.check.ok:
+        raise PlanFailed(
+            f"the result does not load strictly into {plan.check.target}; nothing was written\n  "
+            + "\n  ".join(plan.check.lines()),
+            report,
+        )
+    if dry_run:
+        return report
+    if plan.output is None:
+        raise UsageError("no output: give output.path in the rules file or --output")
+    refuse_overwriting_inputs(plan.output, [plan.source.path, *plan.source.files])
+    spec = rules.output_spec
+    result = write_checkpoint(
+        plan.table,
+        plan.output,
+        max_shard_size=spec.max_shard_size,
+        metadata=provenance(plan.source.path),
+        on_bytes=on_bytes,
+    )
+    report["written"] = {"path": result.path, "files": result.files, "bytes": result.total_bytes}
+    return report
+
+
+def apply_file(
+    rules_path: str | os.PathLike,
+    *,
+    source: str | None = None,
+    output: str | None = None,
+    dry_run: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """``ckptsurgeon apply RULES.yaml``: paths in the file resolve against its folder."""
+    rules_path = os.fspath(rules_path)
+    rules = load_rules(rules_path)
+    base_dir = os.path.dirname(os.path.abspath(rules_path))
+    return apply_rules(
+        rules, base_dir, source=source, output=output, dry_run=dry_run, on_bytes=on_bytes
+    )

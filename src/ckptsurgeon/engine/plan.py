@@ -1,0 +1,143 @@
+"""Planning: run every rule over the lazy table and check the result, reading no tensor data.
+
+A :class:`Plan` is everything ``apply`` knows before it writes: each output key with its
+source keys, shape, dtype and history, what was dropped and why, and the target check.
+Nothing is written unless the whole plan is valid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from ckptsurgeon.errors import FitError, UsageError
+from ckptsurgeon.formats.reader import Checkpoint, open_checkpoint
+from ckptsurgeon.formats.table import Table, cast_floating, dtype_name, parse_dtype
+from ckptsurgeon.rules.document import RulesFile
+from ckptsurgeon.rules.ops import Context
+from ckptsurgeon.target.check import CheckResult, check_table
+from ckptsurgeon.target.spec import TargetInfo, resolve_target
+
+
+@dataclass
+class Plan:
+    source: Checkpoint
+    table: Table
+    dropped: dict[str, str]
+    target: TargetInfo | None
+    check: CheckResult | None
+    output: str | None
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": name,
+                "sources": list(ref.sources),
+                "shape": list(ref.shape),
+                "dtype": dtype_name(ref.dtype),
+                "actions": list(ref.actions) or ["kept"],
+                "bytes": ref.nbytes,
+            }
+            for name, ref in self.table.items()
+        ]
+
+    def counts(self) -> dict[str, int]:
+        verbs: Counter[str] = Counter()
+        for ref in self.table.values():
+            for verb in {a.split(" ", 1)[0] for a in ref.actions} or {"kept"}:
+                verbs[verb] += 1
+        verbs["dropped"] = len(self.dropped)
+        verbs["output keys"] = len(self.table)
+        verbs["source keys"] = len(self.source.tensors)
+        return dict(verbs)
+
+    def report(self, *, dry_run: bool) -> dict[str, Any]:
+        return {
+            "source": {
+                "path": self.source.path,
+                "format": self.source.format,
+                "container": self.source.container,
+                "note": self.source.note,
+            },
+            "target": self.target.description if self.target else None,
+            "output": self.output,
+            "dry_run": dry_run,
+            "keys": self.entries(),
+            "dropped": [{"name": n, "reason": r} for n, r in self.dropped.items()],
+            "counts": self.counts(),
+            "total_bytes": sum(r.nbytes for r in self.table.values()),
+            "check": self.check.to_dict() if self.check else None,
+        }
+
+
+def resolve(path: str, base_dir: str) -> str:
+    """A rules-file path, relative to the rules file's folder."""
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
+
+
+def run_rules(
+    rules: RulesFile, table: Table, target: TargetInfo | None
+) -> tuple[Table, dict[str, str]]:
+    """Run every rule in order; returns the new table and the dropped keys (with reasons)."""
+    ctx = Context(seed=rules.seed, target=target)
+    for i, op in enumerate(rules.rules):
+        ctx.where = f"rules[{i}] ({op.op})"
+        table = op.run(table, ctx)
+    return table, ctx.dropped
+
+
+def _target_order(table: Table, target: TargetInfo | None) -> Table:
+    """The target's key order first (as its state_dict lists them), then anything else."""
+    if target is None:
+        return table
+    ordered = {n: table[n] for n in target.expected if n in table}
+    ordered.update({n: r for n, r in table.items() if n not in ordered})
+    return ordered
+
+
+def make_plan(
+    rules: RulesFile,
+    base_dir: str,
+    *,
+    source: str | None = None,
+    output: str | None = None,
+) -> Plan:
+    """Open the source, run the rules, apply the output dtype, and check against the target.
+
+    ``source``/``output`` override the rules file's (already resolved against the working
+    directory by the caller).
+    """
+    spec = rules.source_spec
+    if source is None and spec is None:
+        raise UsageError("no source: give source: in the rules file or --source")
+    src_path = source if source is not None else resolve(spec.path, base_dir)
+    ckpt = open_checkpoint(src_path, spec.key if spec else None, spec.allow_globals if spec else ())
+    target = resolve_target(rules.target, base_dir) if rules.target else None
+
+    table, dropped = run_rules(rules, ckpt.tensors, target)
+    out_spec = rules.output_spec
+    if out_spec.dtype:
+        table = cast_floating(table, parse_dtype(out_spec.dtype))
+    table = _target_order(table, target)
+    check = (
+        check_table(table, target, rules.check.allow_missing, rules.check.allow_unexpected)
+        if target
+        else None
+    )
+    out_path = (
+        output
+        if output is not None
+        else (resolve(out_spec.path, base_dir) if out_spec.path else None)
+    )
+    return Plan(ckpt, table, dropped, target, check, out_path)
+
+
+class PlanFailed(FitError):
+    """A plan that does not fit its target; carries the report for --json and --report."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,175 @@
+"""The lazy tensor table every reader produces and every writer consumes.
+
+A :class:`TensorRef` describes one tensor without holding its data: shape, dtype, how to
+materialise it and, when the bytes sit unchanged in a file, exactly where. Rules derive new
+refs from old ones (a cast, a transpose, a split) by composing functions, so planning a whole
+surgery reads no tensor data, and writers can copy untouched bytes straight from disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class ByteSpan:
+    """Where a tensor's raw row-major bytes lie in a file (absolute offset)."""
+
+    path: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor that can be materialised on demand.
+
+    ``sources`` are the original checkpoint keys this tensor comes from; ``actions`` is the
+    history of what the rules did to it, in order, for reports.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    span: ByteSpan | None = None
+    sources: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_itemsize(self.dtype)
+
+    def load(self) -> torch.Tensor:
+        """Materialise the tensor on the CPU, checking it matches the promised shape/dtype."""
+        tensor = self.loader()
+        if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
+            raise RuntimeError(
+                f"tensor from {self.sources} materialised as {tuple(tensor.shape)} "
+                f"{tensor.dtype}, planned {self.shape} {self.dtype}"
+            )
+        return tensor
+
+    def with_action(self, action: str) -> TensorRef:
+        """The same tensor with one more entry in its history (a rename, say)."""
+        return replace(self, actions=(*self.actions, action))
+
+    def derive(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        action: str,
+        *,
+        keeps_bytes: bool = False,
+    ) -> TensorRef:
+        """A new ref whose value is ``fn(self.load())``.
+
+        The new shape and dtype come from running ``fn`` on a meta tensor, so a bad
+        transform (a reshape to the wrong numel, say) fails at planning time, before any
+        data is read. ``keeps_bytes`` marks transforms that leave the row-major bytes
+        unchanged (a reshape), which lets writers keep copying straight from disk.
+        """
+        meta = fn(torch.empty(self.shape, dtype=self.dtype, device="meta"))
+        parent = self
+        return TensorRef(
+            shape=tuple(meta.shape),
+            dtype=meta.dtype,
+            loader=lambda: fn(parent.load()).contiguous(),
+            span=self.span if keeps_bytes and meta.dtype == self.dtype else None,
+            sources=self.sources,
+            actions=(*self.actions, action),
+        )
+
+
+def combine(
+    parts: Sequence[TensorRef],
+    fn: Callable[[list[torch.Tensor]], torch.Tensor],
+    action: str,
+) -> TensorRef:
+    """A new ref computed from several refs (a merge); shape and dtype found on meta."""
+    metas = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in parts]
+    meta = fn(metas)
+    parts = tuple(parts)
+    return TensorRef(
+        shape=tuple(meta.shape),
+        dtype=meta.dtype,
+        loader=lambda: fn([p.load() for p in parts]).contiguous(),
+        sources=tuple(s for p in parts for s in p.sources),
+        actions=(action,),
+    )
+
+
+def from_tensor(tensor: torch.Tensor, source: str, action: str | None = None) -> TensorRef:
+    """Wrap an in-memory (or memory-mapped) tensor as a ref."""
+    return TensorRef(
+        shape=tuple(tensor.shape),
+        dtype=tensor.dtype,
+        loader=lambda: tensor,
+        sources=(source,),
+        actions=(action,) if action else (),
+    )
+
+
+def dtype_itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+Table = dict[str, TensorRef]
+"""Name -> tensor ref, in checkpoint order. Rules map one table to the next."""
+
+
+DTYPE_ALIASES = {
+    "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+    "float": "float32", "fp64": "float64", "double": "float64",
+    "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2",
+}  # fmt: skip
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/``"torch.bfloat16"`` -> ``torch.bfloat16``."""
+    key = name.removeprefix("torch.").lower()
+    dtype = getattr(torch, DTYPE_ALIASES.get(key, key), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def cast_floating(table: Table, dtype: torch.dtype) -> Table:
+    """Cast floating-point tensors to ``dtype``; integer and bool tensors stay as they are."""
+    return {
+        name: ref.derive(lambda t: t.to(dtype), f"cast to {dtype_name(dtype)}")
+        if ref.dtype.is_floating_point and ref.dtype != dtype
+        else ref
+        for name, ref in table.items()
+    }
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A read-only mapping name -> tensor that reads each tensor when it is asked for."""
+
+    def __init__(self, table: Table) -> None:
+        self._table = table
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._table[name].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def ref(self, name: str) -> TensorRef:
+        """The lazy reference behind ``name`` (shape and dtype without reading data)."""
+        return self._table[name]

@@ -1,0 +1,263 @@
+"""Writers: safetensors (one file or a Hugging Face sharded folder) and torch, atomically.
+
+Every write goes to a temporary sibling of the output, is fsynced, then renamed into place,
+so the output path only ever holds a complete checkpoint: the old one or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ckptsurgeon.errors import OutputError, UsageError
+from ckptsurgeon.formats import safetensors_io
+from ckptsurgeon.formats.table import Table, TensorRef
+
+TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TMP_MARK = ".ckptsurgeon-tmp-"
+SHARD_INDEX = "model.safetensors.index.json"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal, as Hugging Face), ``"2GiB"`` -> 2 * 2**30."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = _SIZE.match(size)
+        if not match:
+            raise UsageError(f"size {size!r}: expected a number with a unit such as 5GB or 500MiB")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if value <= 0:
+        raise UsageError(f"size {size!r} must be positive")
+    return value
+
+
+def output_kind(path: str) -> str:
+    """``safetensors``, ``torch`` or ``folder``, from the output path's suffix."""
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    if path.endswith(TORCH_OUTPUT_SUFFIXES):
+        return "torch"
+    if os.path.splitext(path)[1]:
+        raise UsageError(
+            f"output {path}: unknown suffix; use .safetensors, .pt/.pth/.bin, or no suffix "
+            "for a Hugging Face-style folder"
+        )
+    return "folder"
+
+
+def plan_shards(
+    items: list[tuple[str, TensorRef]], max_size: int
+) -> list[list[tuple[str, TensorRef]]]:
+    """Hugging Face's greedy rule: in key order, start a new shard when the next tensor
+    would push the current one past ``max_size``; a larger tensor sits alone."""
+    shards: list[list[tuple[str, TensorRef]]] = [[]]
+    current = 0
+    for name, ref in items:
+        if shards[-1] and current + ref.nbytes > max_size:
+            shards.append([])
+            current = 0
+        shards[-1].append((name, ref))
+        current += ref.nbytes
+    return shards
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    path: str
+    kind: str
+    files: list[str]
+    total_bytes: int
+
+
+def write_checkpoint(
+    table: Table,
+    path: str,
+    *,
+    max_shard_size: int | str | None = None,
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> WriteResult:
+    """Write ``table`` to ``path`` atomically; the suffix picks the format (see output_kind)."""
+    kind = output_kind(path)
+    if max_shard_size is not None and kind != "folder":
+        raise UsageError("max_shard_size needs a folder output (a path with no suffix)")
+    metadata = {"format": "pt", **(metadata or {})}
+    items = list(table.items())
+    total = sum(ref.nbytes for _, ref in items)
+    try:
+        with atomic_path(path, is_dir=kind == "folder") as tmp:
+            if kind == "safetensors":
+                safetensors_io.write_safetensors(tmp, items, metadata, on_bytes)
+                files = [path]
+            elif kind == "torch":
+                _write_torch(tmp, items, on_bytes)
+                files = [path]
+            else:
+                names = _write_folder(tmp, items, max_shard_size, metadata, on_bytes)
+                files = [os.path.join(path, n) for n in names]
+    except OSError as exc:
+        raise OutputError(
+            f"writing {path} failed, nothing was written: {exc.strerror or exc}"
+        ) from None
+    return WriteResult(path, kind, files, total)
+
+
+def _write_torch(tmp: str, items: list[tuple[str, TensorRef]], on_bytes) -> None:
+    state = {}
+    for name, ref in items:
+        tensor = ref.load()
+        # A view into a bigger storage (one part of a split) would save the whole storage.
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()
+        state[name] = tensor
+        if on_bytes:
+            on_bytes(ref.nbytes)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes) -> list[str]:
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    shards = plan_shards(items, limit) if limit else [items]
+    if len(shards) == 1:
+        safetensors_io.write_safetensors(
+            os.path.join(tmp, "model.safetensors"), items, metadata, on_bytes
+        )
+        return ["model.safetensors"]
+    weight_map: dict[str, str] = {}
+    names = []
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        safetensors_io.write_safetensors(os.path.join(tmp, name), shard, metadata, on_bytes)
+        weight_map.update(dict.fromkeys((n for n, _ in shard), name))
+        names.append(name)
+    index = {
+        "metadata": {"total_size": sum(ref.nbytes for _, ref in items), **metadata},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    with open(os.path.join(tmp, SHARD_INDEX), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return [*names, SHARD_INDEX]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(final: str) -> list[str]:
+    """Remove our temporaries for ``final`` left by runs that were killed."""
+    parent, base = os.path.split(os.path.abspath(final))
+    removed = []
+    prefix = f".{base}{TMP_MARK}"
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(parent):
+            if not name.startswith(prefix):
+                continue
+            pid = name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                full = os.path.join(parent, name)
+                if os.path.isdir(full) and not os.path.islink(full):
+                    shutil.rmtree(full, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(full)
+                removed.append(full)
+    return removed
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _looks_like_our_output(folder: str) -> bool:
+    """Only a folder holding checkpoint files alone may be replaced by a folder output."""
+    allowed = (".safetensors", ".json", ".bin", ".pt", ".pth", ".md")
+    return all(n.endswith(allowed) for n in os.listdir(folder))
+
+
+@contextlib.contextmanager
+def atomic_path(final: str, *, is_dir: bool) -> Iterator[str]:
+    """Yield a temporary path beside ``final``; on success move it into place atomically,
+    on any failure remove it, leaving ``final`` as it was."""
+    final = os.path.abspath(final)
+    parent, base = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    clean_stale_temporaries(final)
+    if os.path.isdir(final) and not (is_dir and _looks_like_our_output(final)):
+        raise UsageError(
+            f"output {final} is an existing folder that is not a checkpoint; refusing to replace it"
+        )
+    tmp = os.path.join(parent, f".{base}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    if is_dir:
+        os.mkdir(tmp)
+    try:
+        yield tmp
+        if is_dir:
+            _fsync_dir(tmp)
+        if is_dir and os.path.exists(final):
+            old = f"{tmp}-old"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            _remove(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(parent)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _within(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def refuse_overwriting_inputs(output: str, inputs: list[str]) -> None:
+    """UsageError when writing ``output`` could damage any of the ``inputs`` paths.
+
+    Writing to an input, into an input folder, or replacing a folder that holds an input
+    are all refused; paths are compared after resolving links.
+    """
+    out = os.path.realpath(output)
+    for item in inputs:
+        real = os.path.realpath(item)
+        if _within(out, real) or _within(real, out):
+            raise UsageError(
+                f"output {output} would overwrite the input {item}; "
+                "choose an output path outside the source"
+            )

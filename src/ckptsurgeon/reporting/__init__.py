@@ -1,0 +1,1 @@
+"""Turning checkpoints, plans and checks into JSON objects and human-readable text."""

@@ -1,0 +1,93 @@
+"""``inspect``: what is in a checkpoint, as the SPEC's JSON object or as tables."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+from rich.console import Console
+from rich.tree import Tree
+
+from ckptsurgeon.formats.reader import Checkpoint
+from ckptsurgeon.formats.table import dtype_name
+from ckptsurgeon.reporting.text import columns, human_bytes, human_count
+
+
+def summarize(ckpt: Checkpoint, pattern: str | None = None) -> dict[str, Any]:
+    """The ``inspect --json`` object (also a valid ``target.manifest``)."""
+    regex = re.compile(pattern) if pattern else None
+    tensors = {
+        name: {"shape": list(ref.shape), "dtype": dtype_name(ref.dtype), "bytes": ref.nbytes}
+        for name, ref in ckpt.tensors.items()
+        if regex is None or regex.search(name)
+    }
+    return {
+        "format": ckpt.format,
+        "path": ckpt.path,
+        "tensors": tensors,
+        "total_bytes": sum(t["bytes"] for t in tensors.values()),
+        "num_params": sum(ckpt.tensors[n].numel for n in tensors),
+        "containers": ckpt.containers,
+        "container": ckpt.container,
+        "note": ckpt.note,
+        "metadata": ckpt.metadata,
+        "aliases": ckpt.aliases,
+    }
+
+
+def prefix_tree(names_sizes: dict[str, tuple[int, int]], depth: int = 2) -> dict[str, list[int]]:
+    """Group ``name -> (numel, bytes)`` by their first ``depth`` dotted segments."""
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for name, (numel, nbytes) in names_sizes.items():
+        parts = name.split(".")
+        for d in range(1, min(depth, len(parts) - 1) + 1):
+            g = groups[".".join(parts[:d])]
+            g[0] += 1
+            g[1] += numel
+            g[2] += nbytes
+    return dict(groups)
+
+
+def render(summary: dict[str, Any], console: Console) -> None:
+    """Print the human form of a :func:`summarize` object."""
+    tensors = summary["tensors"]
+    console.print(f"[bold]{summary['path']}[/]  format: {summary['format']}")
+    if [c for c in summary["containers"] if c]:
+        console.print(f"containers: {', '.join(repr(c) for c in summary['containers'])}")
+    if summary["note"]:
+        console.print(f"state dict: {summary['note']}")
+    rows = [
+        (name, str(tuple(i["shape"])), i["dtype"], human_bytes(i["bytes"]))
+        for name, i in tensors.items()
+    ]
+    console.print(columns(rows), markup=False, highlight=False)
+    by_dtype: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for info in tensors.values():
+        by_dtype[info["dtype"]][0] += 1
+        by_dtype[info["dtype"]][1] += info["bytes"]
+    totals = ", ".join(f"{d}: {c} tensors {human_bytes(b)}" for d, (c, b) in by_dtype.items())
+    console.print(
+        f"\n[bold]{len(tensors)} tensors[/], {human_count(summary['num_params'])} parameters "
+        f"({summary['num_params']}), {human_bytes(summary['total_bytes'])}  [{totals}]"
+    )
+    sizes = {n: (_numel(i["shape"]), i["bytes"]) for n, i in tensors.items()}
+    groups = prefix_tree(sizes)
+    if groups:
+        tree = Tree("prefixes")
+        nodes: dict[str, Tree] = {}
+        for prefix in groups:  # a parent prefix is always inserted before its children
+            count, numel, _ = groups[prefix]
+            parent = nodes.get(prefix.rsplit(".", 1)[0], tree) if "." in prefix else tree
+            nodes[prefix] = parent.add(f"{prefix}.*  {count} tensors, {human_count(numel)} params")
+        console.print(tree)
+    if summary["aliases"]:
+        for name, other in summary["aliases"].items():
+            console.print(f"alias: {name} shares storage with {other}")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

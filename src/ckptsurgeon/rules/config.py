@@ -1,0 +1,85 @@
+"""The rules file as pydantic models: validated at the edge, unknown fields forbidden.
+
+Nothing here imports torch, so ``validate`` and ``schema`` stay fast. The rule ops live in
+:mod:`ckptsurgeon.rules.ops`, one class each, holding their fields and their behaviour.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# Initialisations available where there is no model to take them from.
+InitName = Literal["zeros", "normal", "xavier_uniform", "kaiming_uniform"]
+
+KNOWN_DTYPES = (
+    "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64", "half",
+    "float", "double", "float8_e4m3fn", "float8_e5m2", "fp8_e4m3", "fp8_e5m2",
+    "int8", "uint8", "int16", "int32", "int64", "bool",
+)  # fmt: skip
+
+
+class Strict(BaseModel):
+    """Base for every rules-file model: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+    return pattern
+
+
+def _check_dtype(name: str) -> str:
+    if name.removeprefix("torch.").lower() not in KNOWN_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; one of {', '.join(KNOWN_DTYPES)}")
+    return name
+
+
+Pattern = Annotated[
+    str, AfterValidator(_check_regex), Field(description="Python regex (re.search)")
+]
+DType = Annotated[str, AfterValidator(_check_dtype), Field(description="e.g. bfloat16, float16")]
+
+
+class SourceSpec(Strict):
+    path: str
+    key: str | None = Field(None, description="Nested container: state_dict, model, a/b, ...")
+    allow_globals: list[str] = Field(
+        default_factory=list, description="module.Name classes admitted in pickles"
+    )
+
+
+class TargetSpec(Strict):
+    """What the result must load into: a model, a reference checkpoint or a manifest."""
+
+    model: str | None = Field(None, description='"pkg.module:callable" or "file.py:callable"')
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    key: str | None = Field(None, description="container inside a reference checkpoint")
+    manifest: str | None = Field(None, description="JSON printed by `inspect --json`")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetSpec:
+        given = [k for k in ("model", "checkpoint", "manifest") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("target needs exactly one of model, checkpoint, manifest")
+        if self.kwargs and not self.model:
+            raise ValueError("kwargs only go with target.model")
+        return self
+
+
+class OutputSpec(Strict):
+    path: str | None = Field(None, description=".safetensors, .pt/.pth/.bin, or a folder")
+    dtype: DType | None = None
+    max_shard_size: str | int | None = Field(None, description='e.g. "5GB" (decimal units)')
+
+
+class CheckSpec(Strict):
+    allow_missing: list[Pattern] = Field(default_factory=list)
+    allow_unexpected: list[Pattern] = Field(default_factory=list)

@@ -1,0 +1,121 @@
+"""A whole rules file: read, validated, with errors that name file, line and field."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from ckptsurgeon.errors import RulesError
+from ckptsurgeon.rules import yamlnodes
+from ckptsurgeon.rules.config import CheckSpec, OutputSpec, SourceSpec, Strict, TargetSpec
+from ckptsurgeon.rules.ops import AnyOp
+
+
+class RulesFile(Strict):
+    """The top level of a rules file (see SPEC.md, "Rules file")."""
+
+    version: Literal[1] = 1
+    source: str | SourceSpec | None = Field(None, description="checkpoint path, or {path, key}")
+    target: TargetSpec | None = None
+    output: OutputSpec | str | None = None
+    seed: int = Field(0, description="for every re-initialised tensor")
+    rules: list[AnyOp] = Field(default_factory=list)  # type: ignore[valid-type]
+    check: CheckSpec = Field(default_factory=CheckSpec)
+
+    @property
+    def source_spec(self) -> SourceSpec | None:
+        return SourceSpec(path=self.source) if isinstance(self.source, str) else self.source
+
+    @property
+    def output_spec(self) -> OutputSpec:
+        if isinstance(self.output, str):
+            return OutputSpec(path=self.output)
+        return self.output or OutputSpec()
+
+
+def _label(loc: tuple[Any, ...], data: Any) -> str:
+    """A readable field path: ``rules[2] (rename).replace``."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
+            node = node[item] if item < len(node) else None
+            if isinstance(node, dict) and "op" in node:
+                parts[-1] += f" ({node['op']})"
+        elif isinstance(node, dict) and item in node:
+            parts.append(str(item))
+            node = node[item]
+        elif isinstance(node, dict) and node.get("op") == item:
+            continue  # the discriminated union's tag: already shown after the index
+        else:
+            parts.append(str(item))
+            node = None
+    return ".".join(parts) or "(top level)"
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Drop pydantic's union tags from ``loc`` so it walks the YAML document."""
+    out: list[Any] = []
+    node = data
+    for item in loc:
+        if isinstance(node, list) and isinstance(item, int):
+            node = node[item] if item < len(node) else None
+        elif isinstance(node, dict) and item in node:
+            node = node[item]
+        else:
+            continue
+        out.append(item)
+    return tuple(out)
+
+
+def validate_document(located: yamlnodes.Located) -> RulesFile:
+    """Validate a parsed document; RulesError lists each problem at its line."""
+    data = located.value
+    if not isinstance(data, dict):
+        raise RulesError(f"{located.filename}: a rules file is a mapping with a 'rules:' list")
+    try:
+        return RulesFile.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False)[:10]:
+            loc = tuple(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            elif err["type"] == "union_tag_invalid":
+                msg = f"unknown op {err.get('input', {}).get('op')!r}; known ops: " + ", ".join(
+                    sorted(_known_ops())
+                )
+            lines.append(f"{located.where(_clean_loc(loc, data))}: {_label(loc, data)}: {msg}")
+        more = len(exc.errors()) - len(lines)
+        if more > 0:
+            lines.append(f"... and {more} more")
+        raise RulesError("invalid rules file:\n  " + "\n  ".join(lines)) from None
+
+
+def _known_ops() -> list[str]:
+    from ckptsurgeon.rules.ops import OPS
+
+    return list(OPS)
+
+
+def load_rules(path: str | os.PathLike) -> RulesFile:
+    """Read and validate the rules file at ``path``; nothing is loaded but YAML."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(yamlnodes.MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise RulesError(f"{path}: no such rules file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RulesError(f"{path}: cannot read: {exc}") from None
+    return validate_document(yamlnodes.parse(text, path))
+
+
+def parse_rules(rules: list[dict[str, Any]] | dict[str, Any], where: str = "<rules>") -> RulesFile:
+    """Validate rules given as Python data (the API's ``rules=[...]``)."""
+    data = {"rules": rules} if isinstance(rules, list) else rules
+    return validate_document(yamlnodes.Located(where, data, {}))
