@@ -1,0 +1,130 @@
+"""Make the example source checkpoints that the rules files in ``rules/`` convert.
+
+Every checkpoint is written by the library a user would have it from (torchvision,
+DataParallel, torch.compile, Lightning, transformers), seeded, with nothing downloaded:
+
+    python examples/make_checkpoints.py            # all of them, into examples/checkpoints/
+    python examples/make_checkpoints.py resnet18_dp
+
+Tests import these functions to build the same checkpoints in temporary folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+BERT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=128, max_position_embeddings=64)
+
+
+def resnet18_dp(folder: Path) -> Path:
+    """A torchvision resnet18 (ImageNet head) saved from under nn.DataParallel."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torch.nn.DataParallel(torchvision.models.resnet18())
+    path = folder / "resnet18_dp.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def resnet18_plain(folder: Path) -> Path:
+    """A plain torchvision resnet18 state dict (10 classes)."""
+    import torchvision
+
+    torch.manual_seed(1)
+    path = folder / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    return path
+
+
+def resnet18_compiled_train(folder: Path) -> Path:
+    """A training-loop container {"model", "optimizer", "epoch"} of a torch.compile'd model."""
+    import torchvision
+
+    torch.manual_seed(2)
+    model = torchvision.models.resnet18(num_classes=10)
+    compiled = torch.compile(model)  # state_dict keys gain "_orig_mod."
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4))
+    loss.backward()
+    optimizer.step()
+    path = folder / "resnet18_compiled_train.pt"
+    torch.save({"model": compiled.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3},
+               path)
+    return path
+
+
+def resnet18_lightning(folder: Path) -> Path:
+    """A real Lightning Trainer checkpoint of a LightningModule holding ``self.model``."""
+    import lightning as L
+    import torchvision
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torchvision.models.resnet18(num_classes=10)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=folder)
+    trainer.fit(Classifier(), torch.utils.data.DataLoader(data, batch_size=4))
+    path = folder / "resnet18_lightning.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def alexnet(folder: Path) -> Path:
+    """A torchvision AlexNet with its 1000-class classifier[6]."""
+    import torchvision
+
+    torch.manual_seed(4)
+    path = folder / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), path)
+    return path
+
+
+def bert_encoder(folder: Path) -> Path:
+    """A small Hugging Face BertModel (encoder only) saved with save_pretrained."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(5)
+    path = folder / "bert_encoder"
+    BertModel(BertConfig(**BERT)).save_pretrained(path)
+    return path
+
+
+EXAMPLES: dict[str, Callable[[Path], Path]] = {
+    f.__name__: f
+    for f in (resnet18_dp, resnet18_plain, resnet18_compiled_train, resnet18_lightning, alexnet,
+              bert_encoder)
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", choices=[[], *EXAMPLES], help="default: all")
+    parser.add_argument("--out", type=Path, default=HERE / "checkpoints")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.names or EXAMPLES:
+        print(f"{name}: {EXAMPLES[name](args.out)}")
+
+
+if __name__ == "__main__":
+    main()
