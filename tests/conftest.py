@@ -21,7 +21,10 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     def run(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 300):
         return subprocess.run(
             [sys.executable, "-m", "ckptsurgeon", *map(str, args)],
-            capture_output=True, text=True, cwd=cwd, timeout=timeout,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=timeout,
         )
 
     return run
@@ -43,8 +46,10 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         x, y = a[name], b[name]
         assert x.dtype == y.dtype, (name, x.dtype, y.dtype)
         assert x.shape == y.shape, (name, x.shape, y.shape)
-        assert torch.equal(x.view(torch.uint8) if x.dtype == torch.bool else x,
-                           y.view(torch.uint8) if y.dtype == torch.bool else y), name
+        assert torch.equal(
+            x.view(torch.uint8) if x.dtype == torch.bool else x,
+            y.view(torch.uint8) if y.dtype == torch.bool else y,
+        ), name
 
 
 def materialise(table) -> dict[str, torch.Tensor]:

@@ -70,7 +70,9 @@ def test_dataparallel_head_init_is_the_targets_own_and_seeded(tmp_path: Path, ru
         ("resnet18_compiled_train", "compiled_training_container.yaml", "model", "_orig_mod."),
     ],
 )
-def test_containers_into_plain_model(tmp_path: Path, run_cli, maker, rules, container, prefix) -> None:
+def test_containers_into_plain_model(
+    tmp_path: Path, run_cli, maker, rules, container, prefix
+) -> None:
     src = getattr(make, maker)(tmp_path)
     out = tmp_path / ("o.pt" if "lightning" in rules else "o.safetensors")
     apply(run_cli, rules, src, out)
@@ -78,8 +80,9 @@ def test_containers_into_plain_model(tmp_path: Path, run_cli, maker, rules, cont
     expected = {k.removeprefix(prefix): v for k, v in raw.items()}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(resnet18(10, state_of(out))(x), resnet18(10, expected)(x),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            resnet18(10, state_of(out))(x), resnet18(10, expected)(x), rtol=0, atol=0
+        )
 
 
 def test_alexnet_new_classifier(tmp_path: Path, run_cli) -> None:
@@ -150,7 +153,9 @@ def test_resize_vocabulary(tmp_path: Path, run_cli) -> None:
     model.load_state_dict(state_of(out), strict=True)
     old = BertModel.from_pretrained(src).eval()
     emb = model.embeddings.word_embeddings.weight
-    torch.testing.assert_close(emb[512:], old.embeddings.word_embeddings.weight.mean(0).expand(16, -1))
+    torch.testing.assert_close(
+        emb[512:], old.embeddings.word_embeddings.weight.mean(0).expand(16, -1)
+    )
     ids = torch.randint(0, 512, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, old(ids).last_hidden_state)

@@ -42,8 +42,10 @@ def test_torch_compile_inside_training_container(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
-    torch.save({"model": compiled.state_dict(), "optimizer": opt.state_dict(), "epoch": 4},
-               tmp_path / "train.pt")
+    torch.save(
+        {"model": compiled.state_dict(), "optimizer": opt.state_dict(), "epoch": 4},
+        tmp_path / "train.pt",
+    )
     ckpt = open_checkpoint(tmp_path / "train.pt")
     assert ckpt.container == "model"
     assert "optimizer/state/0" in ckpt.containers  # found, explained, not chosen
@@ -69,8 +71,9 @@ def test_lightning_trainer_checkpoint(tmp_path: Path) -> None:
     class Tiny(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
-                                           torch.nn.Linear(8, 2))
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+            )
 
         def training_step(self, batch, _):
             x, y = batch
@@ -80,9 +83,15 @@ def test_lightning_trainer_checkpoint(tmp_path: Path) -> None:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
     data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     module = Tiny()
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
@@ -97,8 +106,15 @@ def test_transformers_sharded_save_pretrained(tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=128))
+    model = BertModel(
+        BertConfig(
+            vocab_size=500,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+        )
+    )
     model.save_pretrained(tmp_path / "bert", max_shard_size="200KB")
     shards = sorted(p.name for p in (tmp_path / "bert").glob("*.safetensors"))
     assert len(shards) > 1
@@ -115,8 +131,9 @@ def test_pytorch_model_bin_index(tmp_path: Path, resnet18_state) -> None:
     from huggingface_hub import save_torch_state_dict
 
     (tmp_path / "bin").mkdir()
-    save_torch_state_dict(resnet18_state, tmp_path / "bin", safe_serialization=False,
-                          max_shard_size="10MB")
+    save_torch_state_dict(
+        resnet18_state, tmp_path / "bin", safe_serialization=False, max_shard_size="10MB"
+    )
     assert (tmp_path / "bin" / "pytorch_model.bin.index.json").exists()
     ckpt = open_checkpoint(tmp_path / "bin")
     assert ckpt.format == "torch-sharded"
@@ -127,8 +144,10 @@ def test_timm_model(tmp_path: Path) -> None:
     import timm
 
     model = timm.create_model("resnet18", pretrained=False, num_classes=5)
-    torch.save({"state_dict": model.state_dict(), "epoch": 1, "arch": "resnet18"},
-               tmp_path / "timm.pth.tar")
+    torch.save(
+        {"state_dict": model.state_dict(), "epoch": 1, "arch": "resnet18"},
+        tmp_path / "timm.pth.tar",
+    )
     ckpt = open_checkpoint(tmp_path / "timm.pth.tar")
     assert ckpt.container == "state_dict"
     assert_same_tensors(materialise(ckpt.tensors), model.state_dict())
@@ -161,12 +180,17 @@ def test_round_trip_is_bit_exact(tmp_path: Path, suffix: str) -> None:
     assert_same_tensors(materialise(open_checkpoint(out).tensors), state)
 
 
-def test_safetensors_output_reads_with_the_safetensors_library(tmp_path: Path, resnet18_state) -> None:
+def test_safetensors_output_reads_with_the_safetensors_library(
+    tmp_path: Path, resnet18_state
+) -> None:
     from safetensors import safe_open
 
     torch.save(resnet18_state, tmp_path / "in.pt")
-    write_checkpoint(open_checkpoint(tmp_path / "in.pt").tensors, str(tmp_path / "o.safetensors"),
-                     metadata={"source": "in.pt"})
+    write_checkpoint(
+        open_checkpoint(tmp_path / "in.pt").tensors,
+        str(tmp_path / "o.safetensors"),
+        metadata={"source": "in.pt"},
+    )
     with safe_open(tmp_path / "o.safetensors", framework="pt") as f:
         assert f.metadata()["source"] == "in.pt"
         assert f.metadata()["format"] == "pt"
@@ -206,8 +230,10 @@ def test_parse_size_uses_decimal_units_like_huggingface() -> None:
 def test_plan_shards_puts_an_oversized_tensor_alone() -> None:
     from ckptsurgeon.formats.table import from_tensor
 
-    items = [(n, from_tensor(torch.zeros(size, dtype=torch.uint8), n))
-             for n, size in [("a", 4), ("b", 4), ("big", 20), ("c", 3)]]
+    items = [
+        (n, from_tensor(torch.zeros(size, dtype=torch.uint8), n))
+        for n, size in [("a", 4), ("b", 4), ("big", 20), ("c", 3)]
+    ]
     shards = plan_shards(items, 10)
     assert [[n for n, _ in s] for s in shards] == [["a", "b"], ["big"], ["c"]]
 

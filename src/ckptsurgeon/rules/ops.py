@@ -81,34 +81,35 @@ class Op(Strict):
         return re.compile(getattr(self, "pattern", None) or "")
 
 
-def rename_keys(
-    table: Table, ctx: Context, new_name: Callable[[str], str | None], action: str
-) -> tuple[Table, int]:
-    """Rename every key for which ``new_name`` returns a new name; order is kept.
+def build_table(entries: Iterable[tuple[str, TensorRef, str]], ctx: Context) -> Table:
+    """Assemble ``(name, ref, origin)`` entries into a table, in order.
 
-    Two keys landing on one name is an error that names both sources.
+    Two entries landing on one name is an error that names both origins.
     """
     out: Table = {}
     origin: dict[str, str] = {}
+    for name, ref, source in entries:
+        if name in out:
+            raise FitError(f"{ctx.where}: {origin[name]!r} and {source!r} both become {name!r}")
+        out[name] = ref
+        origin[name] = source
+    return out
+
+
+def rename_keys(
+    table: Table, ctx: Context, new_name: Callable[[str], str | None], action: str
+) -> tuple[Table, int]:
+    """Rename every key for which ``new_name`` returns a new name; order is kept."""
+    entries = []
     matched = 0
     for name, ref in table.items():
         target = new_name(name)
         if target is not None and target != name:
             matched += 1
-            ref = ref.with_action(f"{action} from {name}")
+            entries.append((target, ref.with_action(f"{action} from {name}"), name))
         else:
-            target = name
-        if target in out:
-            raise FitError(f"{ctx.where}: {origin[target]!r} and {name!r} both become {target!r}")
-        out[target] = ref
-        origin[target] = name
-    return out, matched
-
-
-def _insert(table: Table, ctx: Context, name: str, ref: TensorRef, out: Table) -> None:
-    if name in out or (name in table and name not in ctx.dropped):
-        raise FitError(f"{ctx.where}: {name!r} already exists")
-    out[name] = ref
+            entries.append((name, ref, name))
+    return build_table(entries, ctx), matched
 
 
 @register
@@ -309,25 +310,23 @@ class Split(Op):
         return self
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
-        out: Table = {}
+        entries = []
         matched = 0
         for name, ref in table.items():
             match = self.regex.search(name)
             if not match:
-                _insert(table, ctx, name, ref, out)
+                entries.append((name, ref, name))
                 continue
             matched += 1
-            sizes = self._sizes(name, ref, ctx)
             start = 0
-            for template, size in zip(self.into, sizes, strict=True):
-                new = _expand(match, template, ctx)
+            for template, size in zip(self.into, self._sizes(name, ref, ctx), strict=True):
                 part = ref.derive(
                     lambda t, s=start, n=size: t.narrow(self.dim, s, n),
                     f"split from {name} [{start}:{start + size}] on dim {self.dim}",
                 )
-                _insert(table, ctx, new, part, out)
+                entries.append((_expand(match, template, ctx), part, name))
                 start += size
-        return out, matched
+        return build_table(entries, ctx), matched
 
     def _sizes(self, name: str, ref: TensorRef, ctx: Context) -> list[int]:
         if not -len(ref.shape) <= self.dim < len(ref.shape):
@@ -407,16 +406,13 @@ class Merge(Op):
             merged_at[names[0]] = (new, ref)
         consumed = {members[v][0] for members in families.values() for v in self.order}
 
-        out: Table = {}
+        entries = []
         for name, ref in table.items():
             if name in merged_at:
-                new, merged = merged_at[name]
-                _insert(
-                    {n: r for n, r in table.items() if n not in consumed}, ctx, new, merged, out
-                )
+                entries.append((*merged_at[name], name))
             elif name not in consumed:
-                _insert({}, ctx, name, ref, out)
-        return out, len(families)
+                entries.append((name, ref, name))
+        return build_table(entries, ctx), len(families)
 
 
 @register
@@ -428,14 +424,13 @@ class Copy(Op):
     replace: str
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
-        out: Table = dict(table)
-        matched = 0
-        for name, ref in table.items():
-            if self.regex.search(name):
-                matched += 1
-                new = self.regex.sub(self.replace, name)
-                _insert(table, ctx, new, ref.with_action(f"copied from {name}"), out)
-        return out, matched
+        entries = [(name, ref, name) for name, ref in table.items()]
+        copies = [
+            (self.regex.sub(self.replace, name), ref.with_action(f"copied from {name}"), name)
+            for name, ref in table.items()
+            if self.regex.search(name)
+        ]
+        return build_table(entries + copies, ctx), len(copies)
 
 
 @register
