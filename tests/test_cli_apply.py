@@ -1,0 +1,239 @@
+"""`apply`, `check`, `validate`, `schema` and `inspect` through the real CLI, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_failure
+
+RULES = """\
+version: 1
+source: src.pt
+target:
+  model: torch.nn:Linear
+  kwargs: {in_features: 4, out_features: 2}
+output: out.safetensors
+rules:
+  - op: strip_prefix
+    prefix: "module."
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2)
+    torch.save({f"module.{k}": v for k, v in lin.state_dict().items()}, tmp_path / "src.pt")
+    (tmp_path / "rules.yaml").write_text(RULES)
+    return tmp_path
+
+
+def test_apply_writes_and_reports(project: Path, run_cli) -> None:
+    report = project / "report.json"
+    proc = run_cli("apply", project / "rules.yaml", "--report", report, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert (project / "out.safetensors").exists()  # relative to the rules file, not the cwd
+    data = json.loads(report.read_text())
+    assert data["counts"]["stripped"] == 2 and data["check"]["ok"]
+    assert data["written"]["path"].endswith("out.safetensors")
+
+
+def test_dry_run_json_explains_every_key_and_writes_nothing(project: Path, run_cli) -> None:
+    proc = run_cli("apply", project / "rules.yaml", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["dry_run"] is True
+    assert {k["name"]: k["sources"] for k in report["keys"]} == {
+        "weight": ["module.weight"],
+        "bias": ["module.bias"],
+    }
+    assert all(k["actions"] == ["stripped from " + k["sources"][0]] for k in report["keys"])
+    assert not (project / "out.safetensors").exists()
+
+
+def test_overrides_resolve_against_the_working_directory(
+    project: Path, run_cli, tmp_path_factory
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    torch.save(
+        {"module.weight": torch.zeros(2, 4), "module.bias": torch.zeros(2)}, elsewhere / "b.pt"
+    )
+    proc = run_cli(
+        "apply", project / "rules.yaml", "--source", "b.pt", "--output", "o.pt", cwd=elsewhere
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(torch.load(elsewhere / "o.pt")["weight"], torch.zeros(2, 4))
+
+
+def test_target_mismatch_exits_1_and_writes_nothing(project: Path, run_cli) -> None:
+    text = RULES.replace("out_features: 2", "out_features: 3")
+    (project / "rules.yaml").write_text(text)
+    proc = run_cli("apply", project / "rules.yaml")
+    assert_clean_failure(
+        proc, 1, "shape mismatch: weight: checkpoint [2, 4], target [3, 4]", "nothing was written"
+    )
+    assert not (project / "out.safetensors").exists()
+
+
+def test_allow_unexpected_relaxes_the_check(project: Path, run_cli) -> None:
+    torch.save(
+        {
+            "module.weight": torch.zeros(2, 4),
+            "module.bias": torch.zeros(2),
+            "module.extra": torch.zeros(1),
+        },
+        project / "src.pt",
+    )
+    proc = run_cli("apply", project / "rules.yaml")
+    assert_clean_failure(proc, 1, "unexpected by the target (1): extra")
+    (project / "rules.yaml").write_text(RULES + "check:\n  allow_unexpected: ['^extra$']\n")
+    assert run_cli("apply", project / "rules.yaml").returncode == 0
+
+
+def test_rule_matching_nothing_exits_1(project: Path, run_cli) -> None:
+    (project / "rules.yaml").write_text(RULES.replace('prefix: "module."', 'prefix: "modle."'))
+    assert_clean_failure(
+        run_cli("apply", project / "rules.yaml"),
+        1,
+        "rules[0] (strip_prefix): prefix 'modle.' matched no key",
+    )
+
+
+def test_invalid_rules_name_file_line_and_field(project: Path, run_cli) -> None:
+    bad = project / "bad.yaml"
+    bad.write_text(
+        RULES + "  - op: rename\n    pattern: '(unclosed'\n    replace: x\n"
+        "  - op: drop\n    patern: x\n"
+    )
+    proc = run_cli("validate", bad)
+    assert_clean_failure(
+        proc,
+        2,
+        f"{bad}:11:5: rules[1] (rename).pattern: invalid regular expression",
+        f"{bad}:14:5: rules[2] (drop).patern: unknown field",
+    )
+    assert_clean_failure(run_cli("apply", bad), 2, "invalid rules file")
+
+
+def test_validate_and_schema(project: Path, run_cli) -> None:
+    proc = run_cli("validate", project / "rules.yaml")
+    assert proc.returncode == 0 and "valid (1 rules)" in proc.stdout
+    schema = json.loads(run_cli("schema").stdout)
+    ops = {
+        v["properties"]["op"]["const"]
+        for v in schema["$defs"].values()
+        if "op" in v.get("properties", {})
+    }
+    assert {"strip_prefix", "split", "merge", "reinit_mismatched", "fill_missing"} <= ops
+    assert schema["additionalProperties"] is False
+
+
+def test_validate_schema_and_help_do_not_import_torch() -> None:
+    code = textwrap.dedent("""
+        import sys
+        from click.testing import CliRunner
+        from ckptsurgeon.cli import cli
+        for args in (["--help"], ["schema"]):
+            assert CliRunner().invoke(cli, args).exit_code == 0
+        assert "torch" not in sys.modules, "torch was imported"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        "a: &a ['x','x','x','x','x','x','x','x','x']\n"
+        + "".join(
+            f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+            for p, c in zip("abcdefgh", "bcdefghi")
+        ),
+        "rules: " + "[" * 200 + "]" * 200,
+    ],
+)
+def test_alias_bombs_and_absurd_documents_are_rejected_fast(
+    tmp_path: Path, run_cli, doc: str
+) -> None:
+    (tmp_path / "bomb.yaml").write_text(doc)
+    proc = run_cli("validate", tmp_path / "bomb.yaml", timeout=20)
+    assert_clean_failure(proc, 2)
+
+
+def test_check_command(project: Path, run_cli) -> None:
+    out = project / "out.safetensors"
+    assert run_cli("apply", project / "rules.yaml").returncode == 0
+    ok = run_cli(
+        "check",
+        out,
+        "--target",
+        "torch.nn:Linear",
+        "--kwargs",
+        '{"in_features": 4, "out_features": 2}',
+        "--json",
+    )
+    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
+    bad = run_cli(
+        "check",
+        project / "src.pt",
+        "--target",
+        "torch.nn:Linear",
+        "--kwargs",
+        '{"in_features": 4, "out_features": 2}',
+    )
+    assert bad.returncode == 1
+    assert "missing from the checkpoint (2): weight, bias" in bad.stdout
+    assert "unexpected by the target (2): module.{weight,bias}" in bad.stdout
+    # a checkpoint or a manifest works as a target too
+    manifest = project / "manifest.json"
+    manifest.write_text(run_cli("inspect", out, "--json").stdout)
+    assert run_cli("check", out, "--target", manifest).returncode == 0
+
+
+def test_inspect_json_and_filter(project: Path, run_cli) -> None:
+    proc = run_cli("inspect", project / "src.pt", "--json", "--filter", "weight$")
+    data = json.loads(proc.stdout)
+    assert data["format"] == "torch-zip"
+    assert data["tensors"] == {"module.weight": {"shape": [2, 4], "dtype": "float32", "bytes": 32}}
+    assert data["num_params"] == 8 and data["total_bytes"] == 32
+    human = run_cli("inspect", project / "src.pt")
+    assert "module.bias" in human.stdout and "10 parameters" in human.stdout.replace("(10)", "")
+
+
+def test_convert_casts_floating_and_shards(tmp_path: Path, run_cli) -> None:
+    torch.save({"w": torch.randn(1000), "n": torch.tensor(3)}, tmp_path / "in.pt")
+    proc = run_cli(
+        "convert",
+        tmp_path / "in.pt",
+        tmp_path / "out",
+        "--dtype",
+        "bf16",
+        "--max-shard-size",
+        "1KB",
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(run_cli("inspect", tmp_path / "out", "--json").stdout)
+    assert data["format"] == "safetensors-sharded"
+    assert data["tensors"]["w"]["dtype"] == "bfloat16" and data["tensors"]["n"]["dtype"] == "int64"
+
+
+def test_python_api(project: Path) -> None:
+    import ckptsurgeon
+
+    report = ckptsurgeon.apply(project / "rules.yaml", dry_run=True)
+    assert report["check"]["ok"]
+    lazy = ckptsurgeon.load(project / "src.pt")
+    assert sorted(lazy) == ["module.bias", "module.weight"]
+    model = torch.nn.Linear(4, 2)
+    ckptsurgeon.load_into(
+        model, project / "src.pt", rules=[{"op": "strip_prefix", "prefix": "module."}]
+    )
+    assert torch.equal(model.weight, lazy["module.weight"])
+    with pytest.raises(ckptsurgeon.FitError, match="missing from the checkpoint"):
+        ckptsurgeon.load_into(torch.nn.Linear(4, 2), project / "src.pt")
