@@ -153,7 +153,7 @@ def test_validate_schema_and_help_do_not_import_torch() -> None:
         "a: &a ['x','x','x','x','x','x','x','x','x']\n"
         + "".join(
             f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
-            for p, c in zip("abcdefgh", "bcdefghi")
+            for p, c in zip("abcdefgh", "bcdefghi", strict=True)
         ),
         "rules: " + "[" * 200 + "]" * 200,
     ],

@@ -12,7 +12,7 @@ from conftest import REPO
 from ckptsurgeon.formats import open_checkpoint
 
 sys.path.insert(0, str(REPO / "examples"))
-import make_checkpoints as make  # noqa: E402
+import make_checkpoints as make
 
 RULES = REPO / "rules"
 
