@@ -15,26 +15,31 @@ from typing import Any
 import torch
 
 from ckptsurgeon.errors import InputError, UnsafeInputError
+from ckptsurgeon.formats.index import check_relative_name
 from ckptsurgeon.formats.table import Table, TensorRef
 
 METADATA_FILE = ".metadata"
 
-_DCP_METADATA = "torch.distributed.checkpoint.metadata"
-_ALLOWED: dict[str, set[str] | None] = {
-    _DCP_METADATA: None,  # its dataclasses and enums; None = any name in the module
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "collections": {"OrderedDict"},
-    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
-}
+# Exactly the classes DCP metadata pickles reference; anything else is refused. Names are
+# checked literally (no dotted paths, which pickle would otherwise follow attribute by
+# attribute to reach, say, ``os.system`` through a module's imports).
+_ALLOWED: dict[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    }),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size"}),
+    "collections": frozenset({"OrderedDict"}),
+    "pathlib": frozenset({"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"}),
+}  # fmt: skip
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        allowed = _ALLOWED.get(module, set())
         is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if is_dtype or (allowed is None and not name.startswith("__")) or name in (allowed or ()):
+        if "." not in name and (is_dtype or name in _ALLOWED.get(module, ())):
             return super().find_class(module, name)
         raise UnsafeInputError(f"DCP metadata needs {module}.{name}, which is not admitted")
 
@@ -61,6 +66,7 @@ def open_dcp(folder: str) -> Table:
 
     chunks: dict[str, list[tuple[Any, Any]]] = {}
     for index, info in storage.items():
+        check_relative_name(meta_path, str(info.relative_path))
         chunks.setdefault(index.fqn, []).append((index, info))
 
     table: Table = {}

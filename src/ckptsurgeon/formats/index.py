@@ -25,13 +25,13 @@ class ShardIndex:
         return list(dict.fromkeys(self.weight_map.values()))
 
 
-def check_shard_name(index_path: str, name: str, suffix: str) -> None:
-    """Shard names are plain relative names inside the folder, checked lexically.
+def check_relative_name(index_path: str, name: str) -> None:
+    """A file named by an index must be a plain relative name inside its folder.
 
-    Symbolic links are allowed (the Hugging Face cache links snapshot files to blobs):
-    what is checked is the name written in the index, not where a link points.
+    Checked lexically: symbolic links are allowed (the Hugging Face cache links snapshot
+    files to blobs), so what is checked is the name written, not where a link points.
     """
-    parts = name.replace("\\", "/").split("/")
+    parts = name.split("/")
     if (
         not name
         or "\\" in name
@@ -39,7 +39,12 @@ def check_shard_name(index_path: str, name: str, suffix: str) -> None:
         or _DRIVE.match(name)
         or any(p in ("", ".", "..") for p in parts)
     ):
-        raise InputError(f"{index_path}: shard name {name!r} is not a plain relative name")
+        raise InputError(f"{index_path}: file name {name!r} is not a plain relative name")
+
+
+def check_shard_name(index_path: str, name: str, suffix: str) -> None:
+    """A shard name: a plain relative name (see check_relative_name) with the index's suffix."""
+    check_relative_name(index_path, name)
     if not name.endswith(suffix):
         raise InputError(f"{index_path}: shard {name!r} does not end with {suffix}")
 
@@ -50,7 +55,7 @@ def read_index(index_path: str) -> ShardIndex:
     try:
         with open(index_path, encoding="utf-8") as f:
             obj = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InputError(f"{index_path}: not a JSON index ({exc})") from None
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not all(

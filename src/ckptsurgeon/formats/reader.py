@@ -96,6 +96,7 @@ def open_checkpoint(
     without it the state dict is found automatically and ``Checkpoint.note`` says how.
     """
     path = os.fspath(path)
+    torch_io.resolve_allowed_globals(allow_globals)  # a bad --allow-global is an error everywhere
     fmt = detect_format(path)
     file = resolve_file(path)
     try:

@@ -110,6 +110,8 @@ def _read_header(path: str) -> Header:
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise InputError(f"header is not JSON ({exc.msg} at char {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:  # absurd nesting or numbers
+        raise InputError(f"header is not acceptable JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise InputError("header is not a JSON object")
 
@@ -141,7 +143,7 @@ def _check_entry(name: str, info: Any) -> None:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise InputError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InputError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise InputError(f"tensor {name!r}: shape must be a list of non-negative integers")
@@ -190,7 +192,10 @@ def open_safetensors(path: str, header: Header | None = None) -> Table:
     table: Table = {}
     for name, info in header.tensors.items():
         begin, end = info["data_offsets"]
-        dtype = torch_dtype(info["dtype"])
+        try:
+            dtype = torch_dtype(info["dtype"])
+        except InputError as exc:
+            raise InputError(f"{path}: tensor {name!r}: {exc}") from None
         shape = tuple(info["shape"])
         span = ByteSpan(path, header.data_start + begin, end - begin)
         table[name] = TensorRef(shape, dtype, _span_loader(span, shape, dtype), span, (name,))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -40,8 +42,7 @@ def resolve_allowed_globals(names: Iterable[str]) -> list[type]:
         module_name, _, attr = full.rpartition(".")
         if not module_name or not attr:
             raise UsageError(f"--allow-global {full!r}: expected module.Name")
-        root = module_name.split(".")
-        if any(".".join(root[: i + 1]) in BLOCKED_MODULES for i in range(len(root))):
+        if _is_blocked(module_name):
             raise UsageError(
                 f"--allow-global {full}: module {module_name} is never admitted "
                 "(it can run code or reach the system)"
@@ -61,6 +62,50 @@ def is_torch_zip(path: str) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+def _is_blocked(module_name: str) -> bool:
+    parts = module_name.split(".")
+    return any(".".join(parts[: i + 1]) in BLOCKED_MODULES for i in range(len(parts)))
+
+
+def scan_globals(data: bytes, max_pickles: int = 5) -> list[str]:
+    """Every ``module.name`` the pickle(s) at the start of ``data`` would import.
+
+    Read statically (nothing is imported or run); used to name refused globals in full.
+    Legacy torch files hold several pickles back to back, then raw bytes: the scan stops at
+    the first thing that does not parse.
+    """
+    found: list[str] = []
+    pos = 0
+    for _ in range(max_pickles):
+        strings: list[str] = []
+        memo: dict[int, str] = {}
+        try:
+            for op, arg, at in pickletools.genops(data[pos:]):
+                if (isinstance(arg, str) and "UNICODE" in op.name) or op.name == "SHORT_BINSTRING":
+                    strings.append(str(arg))
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                    strings.append(memo[arg])
+                elif op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                if op.name == "STOP":
+                    pos += at + 1
+                    break
+            else:
+                break
+        except Exception:  # not (or no longer) a pickle: raw tensor bytes follow
+            break
+    return list(dict.fromkeys(n.replace("__builtin__.", "builtins.") for n in found))
+
+
+def _is_torchscript(path: str) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
 def load_pickle(path: str, allow_globals: Iterable[str] = ()) -> Any:
     """``torch.load`` with ``weights_only=True`` (memory-mapped for the zip format).
 
@@ -70,23 +115,39 @@ def load_pickle(path: str, allow_globals: Iterable[str] = ()) -> Any:
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
     zipped = is_torch_zip(path)
-    if zipped:
-        _refuse_unsafe_globals(path, allowed)
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except pickle.UnpicklingError as exc:
-        match = _GLOBAL_IN_MESSAGE.search(str(exc))
-        if match:
-            raise _unsafe(path, [match.group(1)]) from None
-        if "TorchScript" in str(exc):
+        if zipped and _is_torchscript(path):
             raise UnsafeInputError(
                 f"{path}: a TorchScript archive; loading it would run its code. "
                 "Export a state_dict from it where you trust it."
-            ) from None
-        raise InputError(f"{path}: not a loadable torch pickle: {_first_line(exc)}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
+            )
+        if zipped:
+            _refuse_unsafe_globals(path, allowed)
+    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as exc:
         raise InputError(f"{path}: corrupt or truncated torch file: {_first_line(exc)}") from None
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
+            warnings.simplefilter("ignore")  # torch's protocol notices are not for our users
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        admitted = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
+        with open(path, "rb") as f:
+            names = [n for n in scan_globals(f.read(1 << 20)) if n not in admitted]
+        named = [n for n in names if not n.startswith(("torch.", "collections.", "_codecs."))]
+        match = _GLOBAL_IN_MESSAGE.search(str(exc))
+        if named or match:
+            raise _unsafe(path, named or [match.group(1)]) from None
+        raise InputError(f"{path}: not a loadable torch pickle: {_reason(exc)}") from None
+    except Exception as exc:  # torch raises many types for corrupt bytes; all mean "corrupt"
+        raise InputError(f"{path}: corrupt or truncated torch file: {_first_line(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative line of torch's weights-only refusal (not its advice to disable it)."""
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -95,20 +156,20 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _unsafe(path: str, names: list[str]) -> UnsafeInputError:
-    flags = " ".join(f"--allow-global {n}" for n in names)
-    listed = ", ".join(names)
-    return UnsafeInputError(
-        f"{path}: refusing to load: the pickle needs {listed}, outside torch's weights-only "
-        f"allowlist. If you trust that class, pass {flags}"
-    )
+    never = [n for n in names if _is_blocked(n.rpartition(".")[0] or n)]
+    maybe = [n for n in names if n not in never]
+    message = f"{path}: refusing to load: the pickle needs {', '.join(names)}, outside torch's weights-only allowlist."
+    if never:
+        message += f" {', '.join(never)} can run code and is never admitted."
+    if maybe:
+        flags = " ".join(f"--allow-global {n}" for n in maybe)
+        message += f" If you trust {', '.join(maybe)}, pass {flags}"
+    return UnsafeInputError(message)
 
 
 def _refuse_unsafe_globals(path: str, allowed: list[type]) -> None:
     """Name every unsafe global at once (zip format only; read statically, nothing runs)."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as exc:  # any parse failure here is a corrupt file
-        raise InputError(f"{path}: corrupt or truncated torch file: {_first_line(exc)}") from None
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     admitted = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
     refused = [n for n in names if n not in admitted]
     if refused:
