@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,10 +110,58 @@ def bert_encoder(folder: Path) -> Path:
     return path
 
 
+def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits as (N, 1, 8, 8) floats, split in two fixed halves."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    half = len(y) // 2
+    return x[:half], y[:half], x[half:], y[half:]
+
+
+def pretrain_digits(x: torch.Tensor, y: torch.Tensor, epochs: int = 15, seed: int = 0):
+    """Train the digits CNN on all 10 classes (the "pretrained backbone")."""
+    sys.path.insert(0, str(HERE.parent / "rules"))
+    from models import digits_cnn
+
+    torch.manual_seed(seed)
+    model = digits_cnn(num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model
+
+
+def digits(folder: Path) -> Path:
+    """A digits CNN pretrained on one half of the digits (10 classes, saved in a training
+    container), and a new task on the other half: parity (even/odd), as train/val tensors."""
+    from safetensors.torch import save_file
+
+    x_pre, y_pre, x_new, y_new = digits_split()
+    model = pretrain_digits(x_pre, y_pre)
+    path = folder / "digits_pretrained.pt"
+    torch.save({"model": model.state_dict(), "epoch": 15}, path)
+    parity = y_new % 2
+    cut = len(parity) // 2
+    save_file({"x": x_new[:cut].contiguous(), "y": parity[:cut].contiguous()},
+              folder / "digits_parity_train.safetensors")
+    save_file({"x": x_new[cut:].contiguous(), "y": parity[cut:].contiguous()},
+              folder / "digits_parity_val.safetensors")
+    return path
+
+
 EXAMPLES: dict[str, Callable[[Path], Path]] = {
     f.__name__: f
     for f in (resnet18_dp, resnet18_plain, resnet18_compiled_train, resnet18_lightning, alexnet,
-              bert_encoder)
+              bert_encoder, digits)
 }
 
 

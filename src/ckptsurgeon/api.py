@@ -9,7 +9,12 @@ from ckptsurgeon._version import __version__
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.reader import open_checkpoint
 from ckptsurgeon.formats.table import LazyStateDict, cast_floating, parse_dtype
-from ckptsurgeon.formats.writer import WriteResult, refuse_overwriting_inputs, write_checkpoint
+from ckptsurgeon.formats.writer import (
+    Progress,
+    WriteResult,
+    refuse_overwriting_inputs,
+    write_checkpoint,
+)
 
 
 def provenance(source: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -36,6 +41,7 @@ def convert(
     max_shard_size: str | int | None = None,
     key: str | None = None,
     allow_globals: Iterable[str] = (),
+    progress: Progress | None = None,
 ) -> WriteResult:
     """Rewrite ``source`` into the format ``output``'s suffix names, optionally casting
     floating tensors to ``dtype`` and sharding a folder output."""
@@ -48,7 +54,11 @@ def convert(
         except ValueError as exc:
             raise UsageError(f"--dtype: {exc}") from None
     return write_checkpoint(
-        table, output, max_shard_size=max_shard_size, metadata=provenance(source)
+        table,
+        output,
+        max_shard_size=max_shard_size,
+        metadata=provenance(source),
+        progress=progress,
     )
 
 

@@ -107,6 +107,7 @@ def inspect(
 @click.argument("output")
 @click.option("--dtype", default=None, help="Cast floating tensors (bfloat16, float16, ...).")
 @click.option("--max-shard-size", default=None, help="Shard a folder output, e.g. 5GB.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @source_options
 @handle_errors
 def convert(
@@ -114,21 +115,25 @@ def convert(
     output: str,
     dtype: str | None,
     max_shard_size: str | None,
+    quiet: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
     """Convert a checkpoint to another format with no rules."""
     from ckptsurgeon.api import convert as convert_api
-
-    result = convert_api(
-        source,
-        output,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        key=key,
-        allow_globals=allow_globals,
-    )
+    from ckptsurgeon.reporting.progress import ByteProgress
     from ckptsurgeon.reporting.text import human_bytes
+
+    with ByteProgress("converting", quiet=quiet) as progress:
+        result = convert_api(
+            source,
+            output,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            key=key,
+            allow_globals=allow_globals,
+            progress=progress,
+        )
 
     _stderr(f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})")
 
@@ -141,6 +146,7 @@ def convert(
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--report", "report_path", default=None, help="Also write the JSON report here.")
 @click.option("--no-finetune", is_flag=True, help="Skip the finetune: section, if any.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no plan table.")
 @handle_errors
 def apply(
     rules_file: str,
@@ -150,37 +156,57 @@ def apply(
     as_json: bool,
     report_path: str | None,
     no_finetune: bool,
+    quiet: bool,
 ) -> None:
     """Load, rewrite by the rules, check against the target, write."""
+    import os
+
     from ckptsurgeon.engine.apply import apply_file
     from ckptsurgeon.engine.plan import PlanFailed
     from ckptsurgeon.reporting import plan as plan_report
+    from ckptsurgeon.reporting.progress import ByteProgress
+    from ckptsurgeon.rules.document import load_rules
 
     try:
-        report = apply_file(rules_file, source=source, output=output, dry_run=dry_run)
+        with ByteProgress("writing", quiet=quiet) as progress:
+            report = apply_file(
+                rules_file,
+                source=source,
+                output=output,
+                dry_run=dry_run,
+                progress=progress,
+                finetune=False,
+            )
     except PlanFailed as exc:
         _emit_report(exc.report, as_json, report_path, show=as_json)
         raise
-    _emit_report(
-        report, as_json, report_path, show=True, render=lambda r: plan_report.render(r, _console())
-    )
+    if not as_json and not quiet:
+        plan_report.render(report, _console())
+    rules = load_rules(rules_file)
+    if rules.finetune is not None and not (dry_run or no_finetune):
+        from ckptsurgeon.finetune import finetune_from_rules
+
+        report["finetune"] = finetune_from_rules(
+            rules,
+            os.path.dirname(os.path.abspath(rules_file)),
+            weights=report["written"]["path"],
+            log=_log_for(as_json),
+        )
+    _emit_report(report, as_json, report_path, show=as_json)
 
 
-def _emit_report(
-    report: dict,
-    as_json: bool,
-    path: str | None,
-    show: bool,
-    render: Callable[[dict], None] | None = None,
-) -> None:
+def _log_for(as_json: bool) -> Callable[[str], None]:
+    """Progress lines go to stdout, or to stderr when stdout carries JSON."""
+    return functools.partial(click.echo, err=as_json)
+
+
+def _emit_report(report: dict, as_json: bool, path: str | None, show: bool) -> None:
     if path:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
     if show and as_json:
         _print_json(report)
-    elif show and render:
-        render(report)
 
 
 @cli.command()
@@ -239,6 +265,30 @@ def schema() -> None:
     from ckptsurgeon.rules.document import RulesFile
 
     _print_json(RulesFile.model_json_schema())
+
+
+@cli.command()
+@click.argument("config", metavar="CONFIG.yaml")
+@click.option("--resume", is_flag=True, help="Continue from the last completed epoch.")
+@click.option("--weights", default=None, help="Start from these weights (default: the file's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def finetune(config: str, resume: bool, weights: str | None, as_json: bool) -> None:
+    """Run a file's finetune: section alone (torchrun-compatible)."""
+    import os
+
+    from ckptsurgeon.finetune import finetune_from_rules
+    from ckptsurgeon.rules.document import load_rules
+
+    summary = finetune_from_rules(
+        load_rules(config),
+        os.path.dirname(os.path.abspath(config)),
+        weights=weights,
+        resume=resume,
+        log=_log_for(as_json),
+    )
+    if as_json:
+        _print_json(summary)
 
 
 def _console():

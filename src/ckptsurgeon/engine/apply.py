@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 from ckptsurgeon.api import provenance
 from ckptsurgeon.engine.plan import PlanFailed, make_plan
 from ckptsurgeon.errors import UsageError
-from ckptsurgeon.formats.writer import refuse_overwriting_inputs, write_checkpoint
+from ckptsurgeon.formats.writer import Progress, refuse_overwriting_inputs, write_checkpoint
 from ckptsurgeon.rules.document import RulesFile, load_rules
 
 
@@ -20,9 +19,12 @@ def apply_rules(
     source: str | None = None,
     output: str | None = None,
     dry_run: bool = False,
-    on_bytes: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    finetune: bool = True,
+    log=print,
 ) -> dict[str, Any]:
-    """Plan, check and (unless ``dry_run``) write; returns the report.
+    """Plan, check and (unless ``dry_run``) write, then run the ``finetune:`` section if the
+    file has one and ``finetune`` is true; returns the report.
 
     Raises PlanFailed (exit 1) when the result does not fit the target; nothing is written.
     """
@@ -45,9 +47,13 @@ def apply_rules(
         plan.output,
         max_shard_size=spec.max_shard_size,
         metadata=provenance(plan.source.path),
-        on_bytes=on_bytes,
+        progress=progress,
     )
     report["written"] = {"path": result.path, "files": result.files, "bytes": result.total_bytes}
+    if finetune and rules.finetune is not None:
+        from ckptsurgeon.finetune import finetune_from_rules
+
+        report["finetune"] = finetune_from_rules(rules, base_dir, weights=result.path, log=log)
     return report
 
 
@@ -57,12 +63,21 @@ def apply_file(
     source: str | None = None,
     output: str | None = None,
     dry_run: bool = False,
-    on_bytes: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    finetune: bool = True,
+    log=print,
 ) -> dict[str, Any]:
     """``ckptsurgeon apply RULES.yaml``: paths in the file resolve against its folder."""
     rules_path = os.fspath(rules_path)
     rules = load_rules(rules_path)
     base_dir = os.path.dirname(os.path.abspath(rules_path))
     return apply_rules(
-        rules, base_dir, source=source, output=output, dry_run=dry_run, on_bytes=on_bytes
+        rules,
+        base_dir,
+        source=source,
+        output=output,
+        dry_run=dry_run,
+        progress=progress,
+        finetune=finetune,
+        log=log,
     )

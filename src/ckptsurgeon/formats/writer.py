@@ -12,8 +12,9 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -74,6 +75,14 @@ def plan_shards(
     return shards
 
 
+class Progress(Protocol):
+    """Receives the total bytes to write, then each tensor's bytes as it is written."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class WriteResult:
     path: str
@@ -88,7 +97,7 @@ def write_checkpoint(
     *,
     max_shard_size: int | str | None = None,
     metadata: dict[str, str] | None = None,
-    on_bytes: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> WriteResult:
     """Write ``table`` to ``path`` atomically; the suffix picks the format (see output_kind)."""
     kind = output_kind(path)
@@ -97,6 +106,10 @@ def write_checkpoint(
     metadata = {"format": "pt", **(metadata or {})}
     items = list(table.items())
     total = sum(ref.nbytes for _, ref in items)
+    on_bytes = None
+    if progress is not None:
+        progress.start(total)
+        on_bytes = progress.advance
     try:
         with atomic_path(path, is_dir=kind == "folder") as tmp:
             if kind == "safetensors":

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from ckptsurgeon.errors import RulesError
+from ckptsurgeon.finetune.config import FinetuneSpec
 from ckptsurgeon.rules import yamlnodes
 from ckptsurgeon.rules.config import CheckSpec, OutputSpec, SourceSpec, Strict, TargetSpec
 from ckptsurgeon.rules.ops import AnyOp
@@ -23,6 +24,7 @@ class RulesFile(Strict):
     seed: int = Field(0, description="for every re-initialised tensor")
     rules: list[AnyOp] = Field(default_factory=list)  # type: ignore[valid-type]
     check: CheckSpec = Field(default_factory=CheckSpec)
+    finetune: FinetuneSpec | None = None
 
     @property
     def source_spec(self) -> SourceSpec | None:

@@ -1,0 +1,111 @@
+"""The ``finetune:`` section as pydantic models (no torch import: ``validate`` stays fast)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ckptsurgeon.rules.config import Pattern, Strict
+
+
+class TensorData(Strict):
+    """Tensors in a safetensors (or torch) file: ``x`` (N, ...) and ``y`` (N,) by default."""
+
+    tensors: str
+    inputs: str | dict[str, str] = Field(
+        "x", description="tensor name, or {model kwarg: tensor name} to call model(**inputs)"
+    )
+    target: str = "y"
+
+
+class ImageFolderData(Strict):
+    """A torchvision ImageFolder: class-named sub-folders of images (needs torchvision)."""
+
+    image_folder: str
+    image_size: int = Field(224, gt=0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class FactoryData(Strict):
+    """``file.py:callable`` or ``pkg.module:callable`` returning a torch Dataset."""
+
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    augments: bool = Field(
+        True, description="set false when the dataset is deterministic (allows feature caching)"
+    )
+
+
+DataSpec = TensorData | ImageFolderData | FactoryData
+
+
+class DataSection(Strict):
+    train: DataSpec
+    val: DataSpec | None = None
+    num_workers: int | Literal["auto"] = "auto"
+
+
+class FreezeSpec(Strict):
+    """What the backbone is: the union of modules, patterns and first_children, minus except."""
+
+    modules: list[str] = Field(default_factory=list, description="attribute paths")
+    patterns: list[Pattern] = Field(default_factory=list, description="regexes over param names")
+    first_children: int | None = Field(None, ge=0, description="the first N children")
+    except_: list[Pattern] = Field(
+        default_factory=list, alias="except", description="never frozen (regexes over param names)"
+    )
+    train_bn: bool = Field(False, description="let frozen BatchNorm update its running stats")
+
+    model_config = Strict.model_config | {"populate_by_name": True}
+
+
+class PhaseSpec(Strict):
+    epochs: int = Field(gt=0)
+    frozen: bool = True
+    lr: float = Field(gt=0)
+    backbone_lr_scale: float = Field(1.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    nesterov: bool = False
+    decay_norm_and_bias: bool = Field(
+        False, description="apply weight decay to biases and norm weights too"
+    )
+
+
+class FinetuneSpec(Strict):
+    """A frozen-backbone fine-tune (see SPEC.md, "Fine-tune section")."""
+
+    model: str | None = Field(None, description="defaults to target.model")
+    kwargs: dict[str, Any] | None = Field(None, description="defaults to target.kwargs")
+    weights: str | None = Field(None, description="default: the checkpoint apply just wrote")
+    data: DataSection
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec)
+    phases: list[PhaseSpec] = Field(min_length=1)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    batch_size: int = Field(64, gt=0)
+    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    cache_features: Literal["auto"] | bool = "auto"
+    output_dir: str = "runs/finetune"
+    seed: int = 0
+    grad_clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _something_to_freeze(self) -> FinetuneSpec:
+        f = self.freeze
+        selects = f.modules or f.patterns or f.first_children
+        if any(p.frozen for p in self.phases) and not selects:
+            raise ValueError(
+                "a phase has frozen: true but freeze selects nothing "
+                "(give modules, patterns or first_children)"
+            )
+        return self

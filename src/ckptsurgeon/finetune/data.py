@@ -1,0 +1,89 @@
+"""Datasets for the fine-tune runner: tensor files, image folders, or a user factory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ckptsurgeon.errors import UsageError
+from ckptsurgeon.finetune.config import DataSpec, FactoryData, ImageFolderData, TensorData
+
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+
+
+class TensorFileDataset(Dataset):
+    """Rows of tensors read from a checkpoint-like file (safetensors or torch)."""
+
+    def __init__(self, inputs: Inputs, target: torch.Tensor) -> None:
+        self.inputs = inputs
+        self.target = target
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, i: int) -> tuple[Inputs, torch.Tensor]:
+        if isinstance(self.inputs, dict):
+            return {k: v[i] for k, v in self.inputs.items()}, self.target[i]
+        return self.inputs[i], self.target[i]
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+def load_tensor_data(spec: TensorData, base_dir: str) -> TensorFileDataset:
+    from ckptsurgeon.api import load
+
+    tensors = load(_resolve(spec.tensors, base_dir))
+    names = spec.inputs.values() if isinstance(spec.inputs, dict) else [spec.inputs]
+    absent = [n for n in [*names, spec.target] if n not in tensors]
+    if absent:
+        raise UsageError(f"{spec.tensors}: no tensors named {absent}; it holds {sorted(tensors)}")
+    if isinstance(spec.inputs, dict):
+        inputs: Inputs = {arg: tensors[name] for arg, name in spec.inputs.items()}
+        sizes = {len(v) for v in inputs.values()}
+    else:
+        inputs = tensors[spec.inputs]
+        sizes = {len(inputs)}
+    target = tensors[spec.target]
+    if sizes != {len(target)}:
+        raise UsageError(f"{spec.tensors}: inputs and target have different lengths")
+    return TensorFileDataset(inputs, target)
+
+
+def build_dataset(spec: DataSpec, base_dir: str) -> Dataset:
+    """The Dataset a data spec describes; relative paths resolve against ``base_dir``."""
+    if isinstance(spec, TensorData):
+        return load_tensor_data(spec, base_dir)
+    if isinstance(spec, ImageFolderData):
+        try:
+            from torchvision import datasets, transforms
+        except ImportError:
+            raise UsageError(
+                "image_folder data needs torchvision: pip install 'ckptsurgeon[vision]'"
+            ) from None
+        transform = transforms.Compose([
+            transforms.Resize(spec.image_size),
+            transforms.CenterCrop(spec.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ])  # fmt: skip
+        return datasets.ImageFolder(_resolve(spec.image_folder, base_dir), transform=transform)
+    assert isinstance(spec, FactoryData)
+    from ckptsurgeon.target.spec import load_callable
+
+    dataset: Any = load_callable(spec.factory, base_dir)(**spec.kwargs)
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise UsageError(
+            f"data factory {spec.factory} returned {type(dataset).__name__}, "
+            "not a map-style torch Dataset"
+        )
+    return dataset
+
+
+def is_deterministic(spec: DataSpec) -> bool:
+    """Whether a sample is the same every time it is read (no random augmentation)."""
+    return not (isinstance(spec, FactoryData) and spec.augments)
