@@ -434,18 +434,19 @@ def run_finetune(
             metrics = {
                 "phase": p_index + 1, "epoch": history.global_epoch, "train_loss": train_loss,
                 "val_loss": val_loss, "val_acc": val_acc,
-                "lr": next(g["lr"] for g in optimizer.param_groups if g["name"].startswith("head")),
+                "lr": next((g["lr"] for g in optimizer.param_groups if g["name"].startswith("head")),
+                           optimizer.param_groups[0]["lr"]),
                 "trainable_params": trainable, "seconds": round(time.perf_counter() - t0, 4),
             }  # fmt: skip
             history.metrics.append(metrics)
             improved = _score(metrics) > history.best_score
             history.best_score = max(history.best_score, _score(metrics))
-            if rt.main:
+            if rt.main:  # the state first: it is what --resume trusts, the rest follows it
+                _save_state(state_path, model, optimizer, schedule, scaler, history, rt)
                 _write_metrics(output_dir, history.metrics)
                 _save_weights(model, os.path.join(output_dir, "last.safetensors"))
                 if improved:
                     _save_weights(model, os.path.join(output_dir, "best.safetensors"))
-                _save_state(state_path, model, optimizer, schedule, scaler, history, rt)
             log(
                 f"epoch {history.global_epoch}: train_loss {train_loss:.4f}"
                 + (

@@ -1,0 +1,310 @@
+"""The fine-tune runner: freezing, BatchNorm, optimizer groups, caching, resume, DDP, CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file, save_file
+
+from ckptsurgeon.finetune.config import FinetuneSpec, FreezeSpec, PhaseSpec
+from ckptsurgeon.finetune.freeze import backbone_names, set_frozen
+from ckptsurgeon.finetune.runner import param_groups, run_finetune
+
+sys.path.insert(0, str(REPO / "rules"))
+from models import digits_cnn  # noqa: E402
+
+FREEZE = {"modules": ["features"], "except": ["^fc\\."]}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=gen)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    save_file({"x": x[:64].contiguous(), "y": y[:64].contiguous()}, tmp_path / "train.safetensors")
+    save_file({"x": x[64:].contiguous(), "y": y[64:].contiguous()}, tmp_path / "val.safetensors")
+    return tmp_path
+
+
+def spec(tmp: Path, **overrides) -> FinetuneSpec:
+    base = {
+        "data": {"train": {"tensors": "train.safetensors"}, "val": {"tensors": "val.safetensors"}},
+        "freeze": FREEZE,
+        "phases": [
+            {"epochs": 2, "frozen": True, "lr": 0.05},
+            {"epochs": 2, "frozen": False, "lr": 0.01, "backbone_lr_scale": 0.1},
+        ],
+        "batch_size": 16,
+        "output_dir": "run",
+        "optimizer": {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4},
+    }
+    return FinetuneSpec.model_validate({**base, **overrides})
+
+
+def quiet(*_args) -> None:
+    pass
+
+
+def test_freeze_selection_by_modules_patterns_children_and_except() -> None:
+    model = digits_cnn(2)
+    assert backbone_names(model, FreezeSpec(modules=["features"])) == {
+        n for n, _ in model.named_parameters() if n.startswith("features.")
+    }
+    by_child = backbone_names(model, FreezeSpec(first_children=1))
+    assert by_child == backbone_names(model, FreezeSpec(modules=["features"]))
+    by_pattern = backbone_names(
+        model, FreezeSpec.model_validate({"patterns": [r"^features\.0\."], "except": [r"bias$"]})
+    )
+    assert by_pattern == {"features.0.weight"}
+
+
+def test_frozen_batchnorm_stays_in_eval_even_after_parent_train() -> None:
+    model = digits_cnn(2)
+    backbone = backbone_names(model, FreezeSpec(modules=["features"]))
+    locked = set_frozen(model, backbone, frozen=True, train_bn=False)
+    assert locked == ["features.1", "features.4"]
+    before = model.features[1].running_mean.clone()
+    model.train()  # a parent's train() must not switch the frozen BN back
+    assert not model.features[1].training and model.fc.training
+    model(torch.randn(8, 1, 8, 8))
+    assert torch.equal(model.features[1].running_mean, before)
+    assert not any(p.requires_grad for p in model.features.parameters())
+    set_frozen(model, backbone, frozen=False, train_bn=False)  # unfreezing releases the lock
+    model.train()
+    assert model.features[1].training
+    model(torch.randn(8, 1, 8, 8))
+    assert not torch.equal(model.features[1].running_mean, before)
+
+
+def test_train_bn_true_lets_statistics_move() -> None:
+    model = digits_cnn(2)
+    backbone = backbone_names(model, FreezeSpec(modules=["features"]))
+    assert set_frozen(model, backbone, frozen=True, train_bn=True) == []
+
+
+def test_optimizer_groups_scale_backbone_lr_and_skip_decay_on_biases_and_norms() -> None:
+    model = digits_cnn(2)
+    backbone = backbone_names(model, FreezeSpec(modules=["features"]))
+    set_frozen(model, backbone, frozen=True, train_bn=False)
+    frozen = param_groups(model, backbone, PhaseSpec(epochs=1, lr=0.1), 1e-4, False)
+    assert [g["name"] for g in frozen] == ["head.decay", "head.no_decay"]  # only trainable params
+    set_frozen(model, backbone, frozen=False, train_bn=False)
+    groups = {
+        g["name"]: g
+        for g in param_groups(
+            model,
+            backbone,
+            PhaseSpec(epochs=1, lr=0.1, frozen=False, backbone_lr_scale=0.1),
+            1e-4,
+            False,
+        )
+    }
+    assert groups["backbone.decay"]["lr"] == pytest.approx(0.01)
+    assert groups["head.decay"]["lr"] == pytest.approx(0.1)
+    assert groups["backbone.no_decay"]["weight_decay"] == 0.0  # BN weights and biases
+    assert all(p.ndim == 1 for p in groups["backbone.no_decay"]["params"])
+
+
+def test_run_writes_metrics_weights_state_and_summary(data: Path) -> None:
+    torch.manual_seed(0)
+    model = digits_cnn(2)
+    frozen_before = {k: v.clone() for k, v in model.features.state_dict().items()}
+    summary = run_finetune(spec(data), model, base_dir=str(data), log=quiet)
+    run = data / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4] and [m["phase"] for m in lines] == [
+        1,
+        1,
+        2,
+        2,
+    ]
+    assert set(lines[0]) >= {
+        "phase",
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "trainable_params",
+        "seconds",
+    }
+    assert 0.0 <= lines[-1]["val_acc"] <= 1.0
+    assert lines[0]["trainable_params"] == 2050 and lines[2]["trainable_params"] > 2050
+    assert summary["epochs"] == 4
+    for name in ("last.safetensors", "best.safetensors", "state.pt", "summary.json"):
+        assert (run / name).exists(), name
+    # phase 1 froze the backbone (BN statistics included); phase 2 trained it
+    after = load_file(run / "last.safetensors")
+    assert not torch.equal(after["features.0.weight"], frozen_before["0.weight"])
+
+
+def test_cached_features_give_the_same_result(data: Path) -> None:
+    results = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        model = digits_cnn(2)
+        s = spec(
+            data,
+            cache_features=cache,
+            output_dir=f"run_{cache}",
+            phases=[{"epochs": 3, "frozen": True, "lr": 0.05}],
+        )
+        run_finetune(s, model, base_dir=str(data), log=quiet)
+        results.append(load_file(data / f"run_{cache}" / "last.safetensors"))
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_cache_true_refuses_when_it_would_change_the_result(data: Path) -> None:
+    from ckptsurgeon.errors import UsageError
+
+    s = spec(
+        data,
+        cache_features=True,
+        freeze={**FREEZE, "train_bn": True},
+        phases=[{"epochs": 1, "frozen": True, "lr": 0.05}],
+    )
+    with pytest.raises(UsageError, match="BatchNorm"):
+        run_finetune(s, digits_cnn(2), base_dir=str(data), log=quiet)
+
+
+def _rules_file(data: Path, epochs: int = 3) -> Path:
+    torch.save({"model": digits_cnn(2).state_dict()}, data / "init.pt")
+    text = f"""\
+version: 1
+source: {{path: init.pt, key: model}}
+target: {{model: {REPO / "rules" / "models.py"}:digits_cnn, kwargs: {{num_classes: 2}}}}
+output: init.safetensors
+rules: []
+finetune:
+  data: {{train: {{tensors: train.safetensors}}, val: {{tensors: val.safetensors}}}}
+  freeze: {{modules: [features], except: ['^fc\\.']}}
+  phases:
+    - {{epochs: {epochs}, frozen: true, lr: 0.05}}
+    - {{epochs: {epochs}, frozen: false, lr: 0.01, backbone_lr_scale: 0.1, schedule: cosine}}
+  optimizer: {{name: sgd, momentum: 0.9, weight_decay: 1.0e-4}}
+  batch_size: 8
+  cache_features: false
+  output_dir: run
+"""
+    (data / "ft.yaml").write_text(text)
+    return data / "ft.yaml"
+
+
+def test_apply_hands_off_and_resume_after_kill_matches_an_uninterrupted_run(
+    data: Path, run_cli
+) -> None:
+    rules = _rules_file(data, epochs=3)
+    proc = run_cli("apply", rules, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # progress went to stderr, stdout is clean JSON
+    assert report["finetune"]["epochs"] == 6
+    reference = load_file(data / "run" / "last.safetensors")
+
+    # the same run, killed -9 after its third epoch, then resumed
+    os.rename(data / "run", data / "reference_run")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ckptsurgeon", "finetune", str(rules)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = data / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 6, "the kill came too late to test resume"
+    proc = run_cli("finetune", rules, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming after epoch {done}" in proc.stdout, proc.stdout
+    resumed = load_file(data / "run" / "last.safetensors")
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-5)
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(m)["epoch"] for m in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_model_called_with_keyword_inputs_and_logits_output(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (32, 8), generator=gen)
+    save_file(
+        {"ids": ids, "mask": torch.ones_like(ids), "labels": (ids[:, 0] % 2)},
+        tmp_path / "text.safetensors",
+    )
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=2,
+        )
+    )
+    s = FinetuneSpec.model_validate(
+        {
+            "data": {
+                "train": {
+                    "tensors": "text.safetensors",
+                    "inputs": {"input_ids": "ids", "attention_mask": "mask"},
+                    "target": "labels",
+                }
+            },
+            "freeze": {"modules": ["bert"]},
+            "phases": [{"epochs": 1, "frozen": True, "lr": 0.01}],
+            "batch_size": 8,
+            "output_dir": "run",
+            "optimizer": {"name": "adamw"},
+        }
+    )
+    summary = run_finetune(s, model, base_dir=str(tmp_path), log=quiet)
+    assert summary["epochs"] == 1 and summary["final"]["val_acc"] is None
+
+
+def test_two_processes_with_torchrun(data: Path) -> None:
+    rules = _rules_file(data, epochs=1)
+    torch.save({"model": digits_cnn(2).state_dict()}, data / "init.pt")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "ckptsurgeon",
+            "apply",
+            str(rules),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((data / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
+    assert len((data / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_run(data: Path) -> None:
+    summary = run_finetune(spec(data, device="cuda"), digits_cnn(2), base_dir=str(data), log=quiet)
+    assert summary["device"].startswith("cuda") and summary["precision"] in ("bf16", "fp16")
