@@ -20,7 +20,7 @@ from ckptsurgeon.finetune.freeze import backbone_names, set_frozen
 from ckptsurgeon.finetune.runner import param_groups, run_finetune
 
 sys.path.insert(0, str(REPO / "rules"))
-from models import digits_cnn  # noqa: E402
+from models import digits_cnn
 
 FREEZE = {"modules": ["features"], "except": ["^fc\\."]}
 
