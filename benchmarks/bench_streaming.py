@@ -1,0 +1,230 @@
+"""Streaming surgery benchmark: apply vs `cp -r` vs the naive load-all/save-all recipe.
+
+Generates Hugging Face-layout sharded safetensors checkpoints (1 GiB and 4 GiB by default,
+5 shards each), then measures side by side, in one run, on a warm page cache:
+
+* ``cp -r`` of the folder (the floor: what copying the bytes costs);
+* CLI start-up: ``ckptsurgeon apply`` on a tiny checkpoint (imports, model-free plan);
+* ``apply`` renaming every key into a sharded folder;
+* ``apply`` casting everything to bfloat16 into a sharded folder;
+* the naive recipe: ``safetensors.torch.load_file`` every shard, rename, ``save_torch_state_dict``.
+
+Peak RSS is each child process's ``ru_maxrss``. Targets (issue "Streaming at scale"):
+rename <= 1.5x cp, cast <= 2x cp (both after subtracting start-up), RSS above start-up
+<= 256 MiB and flat (4 GiB within 1.25x of 1 GiB).
+
+    python benchmarks/bench_streaming.py                  # 1 GiB and 4 GiB
+    python benchmarks/bench_streaming.py --sizes 0.05     # a quick smoke run (CI uses this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+GiB = 1 << 30
+CLI = [sys.executable, "-m", "ckptsurgeon"]
+
+NAIVE = textwrap.dedent("""
+    import sys, glob, os
+    from safetensors.torch import load_file
+    from huggingface_hub import save_torch_state_dict
+    src, dst = sys.argv[1], sys.argv[2]
+    state = {}
+    for shard in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        state.update(load_file(shard))
+    state = {"model." + k: v for k, v in state.items()}
+    os.makedirs(dst)
+    save_torch_state_dict(state, dst, max_shard_size=int(sys.argv[3]))
+""")
+
+
+def make_checkpoint(folder: Path, total_bytes: int, shards: int = 5) -> int:
+    """A Llama-like layout: big square f32 matrices plus small norms; returns the shard size."""
+    import torch
+    from huggingface_hub import save_torch_state_dict
+
+    side = 2048 if total_bytes >= GiB else 512
+    per_matrix = side * side * 4
+    state = {}
+    i = 0
+    while sum(t.nbytes for t in state.values()) + per_matrix <= total_bytes:
+        state[f"layers.{i // 4}.proj{i % 4}.weight"] = torch.full((side, side), float(i))
+        if i % 4 == 3:
+            state[f"layers.{i // 4}.norm.weight"] = torch.ones(side)
+        i += 1
+    size = sum(t.nbytes for t in state.values())
+    max_shard = size // shards + per_matrix
+    folder.mkdir(parents=True)
+    save_torch_state_dict(state, folder, max_shard_size=max_shard)
+    return max_shard
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``cmd`` run in its own measuring process."""
+    probe = (
+        "import resource, subprocess, sys, time, json; t = time.perf_counter(); "
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "w = time.perf_counter() - t; "
+        "print(json.dumps([p.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.stderr[-2000:]]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True
+    )
+    code, wall, rss_kib, err = json.loads(out.stdout)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err}")
+    return wall, rss_kib * 1024
+
+
+def median_run(cmd: list[str], cleanup: Path | None, repeat: int) -> tuple[float, int]:
+    walls, rss = [], 0
+    for _ in range(repeat):
+        if cleanup is not None and cleanup.exists():
+            shutil.rmtree(cleanup)
+        wall, peak = timed(cmd)
+        walls.append(wall)
+        rss = max(rss, peak)
+    if cleanup is not None and cleanup.exists():
+        shutil.rmtree(cleanup)
+    return statistics.median(walls), rss
+
+
+def rules_file(folder: Path, name: str, body: str, shard: int) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(f"version: 1\noutput: {{max_shard_size: {shard}}}\nrules:\n{body}")
+    return path
+
+
+def bench(size_gib: float, work: Path, repeat: int) -> dict[str, float]:
+    src = work / f"src_{size_gib}g"
+    shard = make_checkpoint(src, int(size_gib * GiB))
+    out = work / "out"
+    data_bytes = sum(p.stat().st_size for p in src.iterdir())
+
+    tiny = work / "tiny.safetensors"
+    if not tiny.exists():
+        subprocess.run(
+            [*CLI, "convert", str(src), str(work / "warm.safetensors")],
+            check=False,
+            capture_output=True,
+        )  # warms caches of the interpreter and the disk
+        tiny_rules = work / "tiny.yaml"
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"a": torch.ones(4)}, tiny)
+        tiny_rules.write_text(
+            "version: 1\nrules:\n  - {op: rename, pattern: '^', replace: 'model.'}\n"
+        )
+    rename = rules_file(
+        work, "rename", "  - {op: rename, pattern: '^', replace: 'model.'}\n", shard
+    )
+    cast = rules_file(work, "cast", "  - {op: cast, dtype: bfloat16}\n", shard)
+
+    subprocess.run(["cp", "-r", str(src), str(out)], check=True)  # warm the page cache
+    shutil.rmtree(out)
+    cp_wall, _ = median_run(["cp", "-r", str(src), str(out)], out, repeat)
+    start_wall, start_rss = median_run(
+        [
+            *CLI,
+            "apply",
+            str(work / "tiny.yaml"),
+            "--source",
+            str(tiny),
+            "--output",
+            str(work / "tiny_out.safetensors"),
+            "--quiet",
+        ],
+        None,
+        repeat,
+    )
+    ren_wall, ren_rss = median_run(
+        [*CLI, "apply", str(rename), "--source", str(src), "--output", str(out), "--quiet"],
+        out,
+        repeat,
+    )
+    cast_wall, cast_rss = median_run(
+        [*CLI, "apply", str(cast), "--source", str(src), "--output", str(out), "--quiet"],
+        out,
+        repeat,
+    )
+    naive_wall, naive_rss = median_run(
+        [sys.executable, "-c", NAIVE, str(src), str(out), str(shard)], out, 1
+    )
+    shutil.rmtree(src)
+    return {
+        "size_gib": size_gib,
+        "bytes": data_bytes,
+        "cp_s": cp_wall,
+        "startup_s": start_wall,
+        "startup_rss": start_rss,
+        "rename_s": ren_wall,
+        "rename_rss": ren_rss,
+        "cast_s": cast_wall,
+        "cast_rss": cast_rss,
+        "naive_s": naive_wall,
+        "naive_rss": naive_rss,
+    }
+
+
+def report(rows: list[dict[str, float]]) -> bool:
+    mib = 1 << 20
+    ok = True
+    print(
+        "| checkpoint | cp -r | rename (apply) | cast bf16 (apply) | naive load+save | "
+        "rename / cp | cast / cp | RSS above start-up (rename, cast) | naive RSS |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ren = (r["rename_s"] - r["startup_s"]) / r["cp_s"]
+        cast = (r["cast_s"] - r["startup_s"]) / r["cp_s"]
+        ren_rss = (r["rename_rss"] - r["startup_rss"]) / mib
+        cast_rss = (r["cast_rss"] - r["startup_rss"]) / mib
+        print(
+            f"| {r['bytes'] / GiB:.2f} GiB, 5 shards | {r['cp_s']:.2f} s | {r['rename_s']:.2f} s "
+            f"| {r['cast_s']:.2f} s | {r['naive_s']:.2f} s | {ren:.2f}x | {cast:.2f}x "
+            f"| {ren_rss:.0f} / {cast_rss:.0f} MiB | {r['naive_rss'] / mib:.0f} MiB |"
+        )
+        ok &= ren <= 1.5 and cast <= 2.0 and max(ren_rss, cast_rss) <= 256
+    print(
+        f"\nCLI start-up: {rows[0]['startup_s']:.2f} s, {rows[0]['startup_rss'] / mib:.0f} MiB RSS "
+        "(subtracted above)"
+    )
+    if len(rows) > 1:
+        growth = max(rows[-1]["cast_rss"], rows[-1]["rename_rss"]) / max(
+            rows[0]["cast_rss"], rows[0]["rename_rss"]
+        )
+        print(
+            f"peak RSS growth from {rows[0]['size_gib']} to {rows[-1]['size_gib']} GiB: {growth:.2f}x"
+        )
+        ok &= growth <= 1.25
+    print("targets met" if ok else "TARGETS MISSED")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 4.0], help="GiB")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ckptsurgeon-bench-", dir=args.workdir))
+    try:
+        rows = [bench(size, work, args.repeat) for size in args.sizes]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0 if report(rows) else 1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    main()
