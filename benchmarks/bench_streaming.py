@@ -176,6 +176,72 @@ def bench(size_gib: float, work: Path, repeat: int) -> dict[str, float]:
     }
 
 
+def verify(work: Path) -> None:
+    """Correctness, not speed: rename and cast outputs hold exactly the expected tensors."""
+    from safetensors import safe_open
+
+    src = work / "verify_src"
+    shard = make_checkpoint(src, 8 << 20)
+    rename = rules_file(work, "rename", "  - {op: rename, pattern: '^', replace: 'model.'}\n", shard)
+    cast = rules_file(work, "cast", "  - {op: cast, dtype: bfloat16}\n", shard)
+    expected = {}
+    for f in src.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as h:
+            expected.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+    for rules, name_of, value_of in (
+        (rename, lambda k: "model." + k, lambda t: t),
+        (cast, lambda k: k, lambda t: t.bfloat16()),
+    ):
+        out = work / "verify_out"
+        subprocess.run([*CLI, "apply", str(rules), "--source", str(src), "--output", str(out),
+                        "--quiet"], check=True)
+        got = {}
+        for f in out.glob("*.safetensors"):
+            with safe_open(f, framework="pt") as h:
+                got.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+        assert sorted(got) == sorted(name_of(k) for k in expected), "wrong keys"
+        for k, t in expected.items():
+            assert torch_equal(got[name_of(k)], value_of(t)), k
+        shutil.rmtree(out)
+    print("verified: rename and cast outputs are exact")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def check_7b(work: Path) -> tuple[float, int]:
+    """`check` of a Llama-7B-shaped safetensors file against the model built on meta.
+
+    The file is sparse (its data is never read, only its header), so it costs no disk."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ckptsurgeon.formats.safetensors_io import build_header
+    from ckptsurgeon.formats.table import TensorRef
+
+    kwargs = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    items = [(n, TensorRef(tuple(t.shape), torch.bfloat16, lambda: None))
+             for n, t in model.state_dict().items()]
+    params = sum(t.numel() for t in model.state_dict().values())
+    header = build_header(items, {"format": "pt"})
+    path = work / "llama7b.safetensors"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + sum(r.nbytes for _, r in items))
+    wall, rss = timed([*CLI, "check", str(path), "--target", "transformers:LlamaForCausalLM",
+                       "--kwargs", json.dumps(kwargs)])
+    path.unlink()
+    print(f"\n`check` against a {params / 1e9:.2f}B-parameter Llama built on the meta device: "
+          f"{wall:.2f} s, {rss / (1 << 20):.0f} MiB peak RSS")
+    return wall, rss
+
+
 def report(rows: list[dict[str, float]]) -> bool:
     mib = 1 << 20
     ok = True
@@ -216,13 +282,21 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 4.0], help="GiB")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--verify-only", action="store_true",
+                        help="only check that the outputs are exact (what CI runs)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ckptsurgeon-bench-", dir=args.workdir))
     try:
+        verify(work)
+        if args.verify_only:
+            return
         rows = [bench(size, work, args.repeat) for size in args.sizes]
+        ok = report(rows)
+        _, rss = check_7b(work)
+        ok &= rss < (1 << 30)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    sys.exit(0 if report(rows) else 1)
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
