@@ -224,6 +224,175 @@ def test_cli_refuses_code_execution_pickles(tmp_path: Path, run_cli: RunCli) -> 
 
 
 # --------------------------------------------------------------------------------------
+# evasive pickles, built opcode by opcode: memoised STACK_GLOBAL and decoys
+#
+# A scanner that names "the last two strings before STACK_GLOBAL" is fooled by strings
+# fetched from the memo, moved with DUP/POP or hidden behind decoys. Safety never rests on
+# such a scan (torch's weights-only unpickler checks each global as it loads, and refuses
+# STACK_GLOBAL outright); these cases prove nothing runs and the refusal names the real
+# callable, not the decoy.
+
+MKDIR = f"{os.mkdir.__module__}.mkdir"  # posix.mkdir: harmless, and leaves a trace
+
+
+def _u(text: str) -> bytes:  # SHORT_BINUNICODE
+    raw = text.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw
+
+
+def _evasive(kind: str, marker: Path) -> bytes:
+    """A pickle that calls ``posix.mkdir(marker)`` when loaded by a plain unpickler."""
+    module, name = MKDIR.split(".")
+    arg = _u(str(marker))
+    call = arg + b"\x85R"  # (marker,) then REDUCE
+    if kind == "memo-strings-from-benign-dict":
+        # {"a": "posix", "b": "mkdir"} memoises both names as data; the call fetches them
+        return (
+            b"\x80\x04}\x94(" + _u("a") + b"\x94" + _u(module) + b"\x94" + _u("b") + b"\x94"
+            + _u(name) + b"\x94u" + _u("torch._utils") + b"\x94" + _u("_rebuild_tensor_v2")
+            + b"\x94" + b"0" + b"0" + _u("k") + b"h\x02h\x04\x93" + call + b"s."
+        )  # fmt: skip
+    if kind == "decoy-popped":  # the last two strings pushed are not the two used
+        return b"\x80\x04}" + _u("k") + _u(module) + _u("_rebuild_tensor_v2") + b"0" + _u(name) + b"\x93" + call + b"s."  # fmt: skip
+    if kind == "dup-module-name":  # module name duplicated, the copy popped later
+        return b"\x80\x04}" + _u("k") + _u(module) + b"2" + b"0" + _u(name) + b"\x93" + call + b"s."  # fmt: skip
+    if kind == "memoised-callable":  # the global is memoised, dropped, and called much later
+        return (
+            b"\x80\x04" + _u(module) + _u(name) + b"\x93\x94" + b"0"
+            + b"}" + _u("w") + _u("torch") + _u("float32") + b"\x93" + b"s"
+            + _u("k") + b"h\x00" + call + b"s."
+        )  # fmt: skip
+    if kind == "protocol-2-global-memoised":  # GLOBAL, BINPUT, POP; BINGET at the call
+        return (
+            b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\nq\x07" + b"0"
+            + b"}X\x01\x00\x00\x00kh\x07" + b"X" + struct.pack("<I", len(str(marker)))
+            + str(marker).encode() + b"\x85Rs."
+        )  # fmt: skip
+    if kind == "nested-loads-memoised":  # pickle.loads(<inner pickle calling posix.mkdir>)
+        inner = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + b"X" + struct.pack("<I", len(str(marker))) + str(marker).encode() + b"\x85R."  # fmt: skip
+        return (
+            b"\x80\x04" + _u("_pickle") + b"\x94" + _u("loads") + b"\x94" + b"00"
+            + b"}" + _u("k") + b"h\x00h\x01\x93" + b"C" + bytes([len(inner)]) + inner
+            + b"\x85Rs."
+        )  # fmt: skip
+    raise ValueError(kind)
+
+
+EVASIVE = [
+    "memo-strings-from-benign-dict",
+    "decoy-popped",
+    "dup-module-name",
+    "memoised-callable",
+    "protocol-2-global-memoised",
+    "nested-loads-memoised",
+]
+
+
+@pytest.mark.parametrize("kind", EVASIVE)
+def test_evasive_payloads_are_live(tmp_path: Path, kind: str) -> None:
+    """Each payload below really runs under a plain unpickler (so refusing it means
+    something): it makes the marker folder."""
+    marker = tmp_path / "MARKER"
+    pickle.loads(_evasive(kind, marker))
+    assert marker.is_dir()
+
+
+def _zip_with_pickle(path: Path, data_pkl: bytes) -> None:
+    """A genuine torch zip checkpoint whose ``data.pkl`` record is replaced."""
+    import zipfile
+
+    good = path.with_suffix(".good")
+    torch.save(_state(), good)
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            body = data_pkl if info.filename.endswith("/data.pkl") else src.read(info)
+            dst.writestr(info, body)
+    good.unlink()
+
+
+@pytest.mark.parametrize("container", ["plain-pickle", "torch-zip", "dcp-metadata"])
+@pytest.mark.parametrize("kind", EVASIVE)
+def test_evasive_payloads_are_refused_naming_the_real_callable(
+    tmp_path: Path, kind: str, container: str
+) -> None:
+    marker = tmp_path / "MARKER"
+    payload = _evasive(kind, marker)
+    if container == "dcp-metadata":
+        path = tmp_path / "dcp"
+        path.mkdir()
+        (path / ".metadata").write_bytes(payload)
+        exc = _open_error(path)
+        assert isinstance(exc, UnsafeInputError), (type(exc).__name__, str(exc))
+        assert not marker.exists(), "the payload ran"
+        return
+    path = tmp_path / "evasive.pt"
+    if container == "torch-zip":
+        _zip_with_pickle(path, payload)
+    else:
+        path.write_bytes(payload)
+    expected = "_pickle.loads" if kind == "nested-loads-memoised" else MKDIR
+    exc = _refused(path, UnsafeInputError, expected)
+    _refused(path, UnsafeInputError, expected, load=True)
+    assert "_rebuild_tensor_v2" not in str(exc), f"named the decoy: {exc}"
+    assert f"--allow-global {expected}" not in str(exc), str(exc)
+    assert not marker.exists(), "the payload ran"
+
+
+def test_benign_protocol_4_checkpoint_is_refused_cleanly(tmp_path: Path) -> None:
+    """torch.save(pickle_protocol=4) is legitimate, but torch's weights-only unpickler
+    reads protocol 2 only: a clear exit 3 that says why, not an internal error."""
+    path = tmp_path / "p4.pt"
+    torch.save(_state(), path, pickle_protocol=4)
+    _refused(path, InputError, "Unsupported operand", "protocol")
+
+
+def test_cli_evasive_pickle(tmp_path: Path, run_cli: RunCli) -> None:
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "evasive.pt"
+    _zip_with_pickle(path, _evasive("memo-strings-from-benign-dict", marker))
+    out = tmp_path / "out.safetensors"
+    proc = run_cli("convert", path, out)
+    assert not marker.exists(), "the payload ran"
+    assert not out.exists()
+    _assert_refused(proc, 3, "evasive.pt", MKDIR)
+
+
+def test_old_torch_warning() -> None:
+    """torch < 2.10 has CVE-2026-24747 in its weights-only unpickler: warn, name it."""
+    from ckptsurgeon._torchcheck import unpickler_warning
+
+    for old in ("2.6.0", "2.9.1+cu128", "1.13.1"):
+        message = unpickler_warning(old)
+        assert message and "CVE-2026-24747" in message and old in message
+    for fixed in ("2.10.0", "2.10.0+cpu", "2.14.1+cu130", "3.0.0", None, "garbage"):
+        assert unpickler_warning(fixed) is None, fixed
+
+
+def test_old_torch_warning_at_cli_start_up(tmp_path: Path, monkeypatch) -> None:
+    from ckptsurgeon import _torchcheck
+
+    monkeypatch.setattr(_torchcheck, "installed_torch", lambda: "2.9.1")
+    monkeypatch.setattr(_torchcheck, "warned", False)
+    proc = _cli("schema")
+    assert proc.returncode == 0
+    assert "warning: torch 2.9.1 is older than 2.10" in proc.stderr
+    assert "CVE-2026-24747" in proc.stderr
+    monkeypatch.setattr(_torchcheck, "installed_torch", lambda: "2.10.0")
+    assert "warning" not in _cli("schema").stderr
+
+
+def test_old_torch_warning_from_the_library(tmp_path: Path, monkeypatch) -> None:
+    from ckptsurgeon import _torchcheck
+
+    path = tmp_path / "w.pt"
+    torch.save(_state(), path)
+    monkeypatch.setattr(torch, "__version__", "2.8.0")
+    monkeypatch.setattr(_torchcheck, "warned", False)
+    with pytest.warns(RuntimeWarning, match="CVE-2026-24747"):
+        open_checkpoint(path)
+
+
+# --------------------------------------------------------------------------------------
 # --allow-global
 
 

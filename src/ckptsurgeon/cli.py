@@ -77,29 +77,52 @@ def cli(debug: bool) -> None:
     strictly into the target model, write it safely, and fine-tune from it."""
     global _DEBUG
     _DEBUG = debug
+    from ckptsurgeon import _torchcheck
+
+    warning = _torchcheck.unpickler_warning(_torchcheck.installed_torch())
+    if warning:
+        _stderr(f"warning: {warning}")
+        _torchcheck.warned = True
 
 
 @cli.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a valid manifest).")
 @click.option("--filter", "pattern", default=None, metavar="REGEX", help="Only names matching.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Recompute recorded checksums (sha256, zip CRC-32); exit 3 naming what is corrupt.",
+)
 @source_options
 @handle_errors
 def inspect(
-    path: str, as_json: bool, pattern: str | None, key: str | None, allow_globals: tuple[str, ...]
+    path: str,
+    as_json: bool,
+    pattern: str | None,
+    verify: bool,
+    key: str | None,
+    allow_globals: tuple[str, ...],
 ) -> None:
     """Tensors, shapes, dtypes, bytes and a prefix tree of a checkpoint."""
-    from ckptsurgeon.formats import open_checkpoint
+    from ckptsurgeon.formats import integrity, open_checkpoint
     from ckptsurgeon.reporting import inspect as report
     from ckptsurgeon.rules.patterns import compile_pattern
 
     if pattern:
         compile_pattern(pattern, "--filter")
-    summary = report.summarize(open_checkpoint(path, key, allow_globals), pattern)
+    ckpt = open_checkpoint(path, key, allow_globals)
+    verdicts = integrity.verify_checkpoint(ckpt) if verify else []
+    integrity.raise_if_corrupt(verdicts)
+    summary = report.summarize(ckpt, pattern)
+    if verify:
+        summary["verify"] = integrity.verify_report(verdicts)
     if as_json:
         _print_json(summary)
     else:
         report.render(summary, _console())
+        for line in integrity.verify_lines(verdicts):
+            click.echo(line)
 
 
 @cli.command()
@@ -176,6 +199,7 @@ def apply(
                 dry_run=dry_run,
                 progress=progress,
                 finetune=False,
+                report_path=report_path,
             )
     except PlanFailed as exc:
         _emit_report(exc.report, as_json, report_path, show=as_json)

@@ -22,13 +22,19 @@ def apply_rules(
     progress: Progress | None = None,
     finetune: bool = True,
     log=print,
+    report_path: str | None = None,
 ) -> dict[str, Any]:
     """Plan, check and (unless ``dry_run``) write, then run the ``finetune:`` section if the
     file has one and ``finetune`` is true; returns the report.
 
     Raises PlanFailed (exit 1) when the result does not fit the target; nothing is written.
+    ``report_path`` (where the caller will write the report) is refused, like the output,
+    when it would overwrite an input.
     """
     plan = make_plan(rules, base_dir, source=source, output=output)
+    inputs = [plan.source.path, *plan.source.files, *_target_files(rules, base_dir)]
+    if report_path is not None:
+        refuse_overwriting_inputs(report_path, inputs, what="--report")
     report = plan.report(dry_run=dry_run)
     if plan.check is not None and not plan.check.ok:
         raise PlanFailed(
@@ -40,7 +46,7 @@ def apply_rules(
         return report
     if plan.output is None:
         raise UsageError("no output: give output.path in the rules file or --output")
-    refuse_overwriting_inputs(plan.output, [plan.source.path, *plan.source.files])
+    refuse_overwriting_inputs(plan.output, inputs)
     spec = rules.output_spec
     result = write_checkpoint(
         plan.table,
@@ -57,6 +63,13 @@ def apply_rules(
     return report
 
 
+def _target_files(rules: RulesFile, base_dir: str) -> list[str]:
+    """The reference checkpoint or manifest a target names: inputs too."""
+    target = rules.target
+    paths = [p for p in (target.checkpoint, target.manifest) if p] if target else []
+    return [p if os.path.isabs(p) else os.path.join(base_dir, p) for p in paths]
+
+
 def apply_file(
     rules_path: str | os.PathLike,
     *,
@@ -66,9 +79,12 @@ def apply_file(
     progress: Progress | None = None,
     finetune: bool = True,
     log=print,
+    report_path: str | None = None,
 ) -> dict[str, Any]:
     """``ckptsurgeon apply RULES.yaml``: paths in the file resolve against its folder."""
     rules_path = os.fspath(rules_path)
+    if report_path is not None:
+        refuse_overwriting_inputs(report_path, [rules_path], what="--report")
     rules = load_rules(rules_path)
     base_dir = os.path.dirname(os.path.abspath(rules_path))
     return apply_rules(
@@ -80,4 +96,5 @@ def apply_file(
         progress=progress,
         finetune=finetune,
         log=log,
+        report_path=report_path,
     )

@@ -4,15 +4,23 @@ The reader validates a header as strictly as the reference Rust reader (and catc
 duplicate keys its JSON parser lets through), then serves each tensor lazily with one
 positioned read. The writer streams: header first, then tensor after tensor, copying
 unchanged bytes file-to-file so memory stays flat whatever the checkpoint's size.
+
+Every file the writer makes records its own sha256 digests in ``__metadata__`` (see
+:func:`content_digest`), so ``inspect --verify`` can later prove it intact or name the
+tensor whose bytes changed. The header is written first with zero-filled placeholders of
+the digests' exact length and patched in place once the data is out: one pass, flat memory.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
 import struct
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +31,12 @@ from ckptsurgeon.formats.table import ByteSpan, Table, TensorRef
 
 MAX_HEADER_BYTES = 100_000_000
 METADATA_KEY = "__metadata__"
+# Integrity records (metadata values are strings): the file's content digest, and the
+# per-tensor sha256 digests concatenated in data order (64 hex characters per tensor).
+DIGEST_KEY = "ckptsurgeon.sha256"
+TENSOR_DIGESTS_KEY = "ckptsurgeon.tensor_sha256"
+_DIGEST_DOMAIN = b"ckptsurgeon.sha256/v1\n"
+CHUNK = 16 << 20
 
 # safetensors dtype name -> bits per element (the reference reader's table).
 DTYPE_BITS: dict[str, int] = {
@@ -208,22 +222,61 @@ def _layout(items: list[tuple[str, TensorRef]]) -> list[tuple[str, TensorRef]]:
     return sorted(items, key=lambda kv: (-kv[1].dtype.itemsize, kv[0]))
 
 
-def build_header(items: list[tuple[str, TensorRef]], metadata: dict[str, str]) -> bytes:
-    """The encoded header (length prefix included) for tensors written in ``items`` order."""
+def _entries(items: list[tuple[str, TensorRef]]) -> list[tuple[str, dict[str, Any]]]:
+    """Header entries for tensors written in ``items`` order."""
+    entries = []
+    offset = 0
+    for name, ref in items:
+        entries.append(
+            (
+                name,
+                {
+                    "dtype": st_dtype(ref.dtype),
+                    "shape": list(ref.shape),
+                    "data_offsets": [offset, offset + ref.nbytes],
+                },
+            )
+        )
+        offset += ref.nbytes
+    return entries
+
+
+def _encode_header(entries: list[tuple[str, dict[str, Any]]], metadata: dict[str, str]) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
         header[METADATA_KEY] = dict(metadata)
-    offset = 0
-    for name, ref in items:
-        header[name] = {
-            "dtype": st_dtype(ref.dtype),
-            "shape": list(ref.shape),
-            "data_offsets": [offset, offset + ref.nbytes],
-        }
-        offset += ref.nbytes
+    header.update(entries)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def build_header(items: list[tuple[str, TensorRef]], metadata: dict[str, str]) -> bytes:
+    """The encoded header (length prefix included) for tensors written in ``items`` order."""
+    return _encode_header(_entries(items), metadata)
+
+
+def content_digest(entries: list[tuple[str, dict[str, Any]]], tensor_digests: list[bytes]) -> str:
+    """The file digest recorded under ``ckptsurgeon.sha256``.
+
+    sha256 over a version tag, every tensor's name, dtype, shape and offsets (``entries``, in
+    data order, as compact JSON) and each tensor's own sha256 (raw, in the same order). It
+    therefore covers every byte a loader interprets, while metadata and padding may change
+    without making it stale; each byte of data is hashed once.
+    """
+    h = hashlib.sha256(_DIGEST_DOMAIN)
+    table = [[name, e["dtype"], e["shape"], e["data_offsets"]] for name, e in entries]
+    h.update(json.dumps(table, separators=(",", ":")).encode("utf-8"))
+    h.update(b"\n")
+    for digest in tensor_digests:
+        h.update(digest)
+    return h.hexdigest()
+
+
+# copy_file_range errors that mean "not here, copy in user space instead"; any other error
+# (ENOSPC, EIO, ...) is a real write failure and propagates.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
+                   errno.EPERM, errno.ETXTBSY}  # fmt: skip
 
 
 def copy_span(span: ByteSpan, out) -> None:
@@ -239,7 +292,9 @@ def copy_span(span: ByteSpan, out) -> None:
                     raise InputError(f"{span.path}: file ended early (truncated while reading?)")
                 offset += n
                 left -= n
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
             # Some filesystems refuse copy_file_range; fall back to a user-space copy of
             # whatever is still left.
             src.seek(offset)
@@ -257,27 +312,165 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+class _Digests:
+    """sha256 of each tensor as it is written, computed on one helper thread so hashing
+    overlaps the copy (hashlib releases the GIL). Bytes copied file-to-file are hashed by
+    reading them back from the output, so the digest is of what was written."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsurgeon-sha256")
+        self._futures: list[Future[bytes]] = []
+        self._buf: bytearray | None = None
+
+    def buffer(self, data: memoryview) -> Future[bytes]:
+        future = self._pool.submit(lambda: hashlib.sha256(data).digest())
+        self._futures.append(future)
+        return future
+
+    def written(self, offset: int, length: int) -> None:
+        self._futures.append(self._pool.submit(self._read_back, offset, length))
+
+    def _read_back(self, offset: int, length: int) -> bytes:
+        if self._buf is None:
+            self._buf = bytearray(CHUNK)
+        h = hashlib.sha256()
+        view = memoryview(self._buf)
+        end = offset + length
+        while offset < end:
+            got = os.preadv(self._fd, [view[: min(CHUNK, end - offset)]], offset)
+            if got <= 0:
+                raise OSError(errno.EIO, "short read verifying the bytes just written")
+            h.update(view[:got])
+            offset += got
+        return h.digest()
+
+    def results(self) -> list[bytes]:
+        return [f.result() for f in self._futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _patch(out, header: bytes, key: str, value: str) -> None:
+    """Overwrite the zero placeholder of metadata ``key`` with ``value`` (same length)."""
+    needle = json.dumps({key: "0" * len(value)}, separators=(",", ":"))[1:-1].encode()
+    at = header.index(needle) + len(needle) - len(value) - 1
+    out.seek(at)
+    out.write(value.encode("ascii"))
+
+
 def write_safetensors(
     path: str,
     items: Iterable[tuple[str, TensorRef]],
     metadata: dict[str, str],
     on_bytes=None,
-) -> None:
+) -> str:
     """Stream ``items`` into a new safetensors file at ``path`` (header, then data).
 
     Tensors whose bytes sit unchanged in another file are copied file-to-file; the rest are
     materialised one at a time, so peak memory is one tensor, not the checkpoint.
-    ``on_bytes(n)`` is called after each tensor (progress reporting).
+    ``on_bytes(n)`` is called after each tensor (progress reporting). Returns the file's
+    content digest, also recorded in its metadata with every tensor's digest.
     """
     ordered = _layout(list(items))
-    with open(path, "wb") as out:
-        out.write(build_header(ordered, metadata))
-        for _name, ref in ordered:
-            if ref.span is not None and ref.span.length == ref.nbytes:
-                copy_span(ref.span, out)
-            else:
-                out.write(tensor_bytes(ref.load()))
-            if on_bytes:
-                on_bytes(ref.nbytes)
+    entries = _entries(ordered)
+    metadata = {
+        **{k: v for k, v in metadata.items() if k not in (DIGEST_KEY, TENSOR_DIGESTS_KEY)},
+        DIGEST_KEY: "0" * 64,
+        TENSOR_DIGESTS_KEY: "0" * (64 * len(ordered)),
+    }
+    header = _encode_header(entries, metadata)
+    with open(path, "w+b") as out:
+        digests = _Digests(out.fileno())
+        try:
+            out.write(header)
+            for (_name, ref), (_, entry) in zip(ordered, entries, strict=True):
+                if ref.span is not None and ref.span.length == ref.nbytes:
+                    copy_span(ref.span, out)
+                    out.flush()
+                    digests.written(len(header) + entry["data_offsets"][0], ref.nbytes)
+                else:
+                    data = tensor_bytes(ref.load())
+                    hashed = digests.buffer(data)
+                    out.write(data)
+                    hashed.result()  # one tensor in memory at a time
+                    del data
+                if on_bytes:
+                    on_bytes(ref.nbytes)
+            out.flush()
+            tensor_digests = digests.results()
+        finally:
+            digests.close()
+        digest = content_digest(entries, tensor_digests)
+        _patch(out, header, DIGEST_KEY, digest)
+        _patch(out, header, TENSOR_DIGESTS_KEY, "".join(d.hex() for d in tensor_digests))
         out.flush()
         os.fsync(out.fileno())
+    return digest
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What ``verify_safetensors`` found: ``ok``, ``corrupt`` or ``unrecorded``."""
+
+    path: str
+    status: str
+    detail: str = ""
+    digest: str | None = None  # the recomputed content digest
+
+
+def _data_order(header: Header) -> list[tuple[str, dict[str, Any]]]:
+    return sorted(header.tensors.items(), key=lambda kv: kv[1]["data_offsets"][0])
+
+
+def _hash_tensors(path: str, header: Header, entries) -> list[bytes]:
+    """sha256 of each tensor's bytes, in one sequential pass over the data section."""
+    out: list[bytes] = []
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(header.data_start)
+        for _name, entry in entries:
+            begin, end = entry["data_offsets"]
+            h = hashlib.sha256()
+            left = end - begin
+            while left:
+                got = f.readinto(view[: min(CHUNK, left)])
+                if not got:
+                    raise InputError(f"{path}: file ended early (truncated while verifying?)")
+                h.update(view[:got])
+                left -= got
+            out.append(h.digest())
+    return out
+
+
+def verify_safetensors(path: str, expected: str | None = None) -> Verdict:
+    """Recompute a file's digests and compare them with its records (and ``expected``,
+    the digest a shard index recorded for it, when given)."""
+    header = read_header(path)
+    recorded = header.metadata.get(DIGEST_KEY)
+    if recorded is None and expected is None:
+        return Verdict(path, "unrecorded", "no recorded sha256 (not written by ckptsurgeon?)")
+    entries = _data_order(header)
+    actual = _hash_tensors(path, header, entries)
+    digest = content_digest(entries, actual)
+    problems = []
+    if recorded is not None and digest != recorded:
+        problems.append("does not match the sha256 in its header")
+    if expected is not None and digest != expected:
+        problems.append("does not match the sha256 the index records for it")
+    if not problems:
+        return Verdict(path, "ok", digest=digest)
+    listed = header.metadata.get(TENSOR_DIGESTS_KEY, "")
+    bad = []
+    if len(listed) == 64 * len(entries):
+        for i, (name, entry) in enumerate(entries):
+            if listed[64 * i : 64 * i + 64] != actual[i].hex():
+                begin, end = (header.data_start + o for o in entry["data_offsets"])
+                bad.append(f"tensor {name!r} (bytes {begin}..{end})")
+    where = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    detail = " and ".join(problems) + (
+        f": corrupt data in {where}" if bad else ": the header or its records were changed"
+    )
+    return Verdict(path, "corrupt", detail, digest)

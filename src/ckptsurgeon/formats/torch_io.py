@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ckptsurgeon import _torchcheck
 from ckptsurgeon.errors import InputError, UnsafeInputError, UsageError
 
 # Modules whose classes can run code or reach the system; never admitted, even when named.
@@ -67,43 +68,124 @@ def _is_blocked(module_name: str) -> bool:
     return any(".".join(parts[: i + 1]) in BLOCKED_MODULES for i in range(len(parts)))
 
 
+class _Opaque:
+    """A value the static scan does not track (anything but a literal string)."""
+
+
+_OPAQUE = _Opaque()
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+DYNAMIC_GLOBAL = "<a global whose name is computed while unpickling>"
+
+
 def scan_globals(data: bytes, max_pickles: int = 5) -> list[str]:
     """Every ``module.name`` the pickle(s) at the start of ``data`` would import.
 
-    Read statically (nothing is imported or run); used to name refused globals in full.
-    Legacy torch files hold several pickles back to back, then raw bytes: the scan stops at
-    the first thing that does not parse.
+    Read statically (nothing is imported or run) by simulating the unpickler's stack and
+    memo, so names fetched from the memo, moved with DUP/POP or hidden behind decoy strings
+    are still attributed to the ``STACK_GLOBAL`` that uses them. Only used to *name* what
+    torch's weights-only unpickler refused; that unpickler, which checks each global as it
+    is loaded, is what keeps code from running. Legacy torch files hold several pickles back
+    to back, then raw bytes: the scan stops at the first thing that does not parse.
     """
     found: list[str] = []
     pos = 0
     for _ in range(max_pickles):
-        strings: list[str] = []
-        memo: dict[int, str] = {}
         try:
-            for op, arg, at in pickletools.genops(data[pos:]):
-                if (isinstance(arg, str) and "UNICODE" in op.name) or op.name == "SHORT_BINSTRING":
-                    strings.append(str(arg))
-                elif op.name == "MEMOIZE" and strings:
-                    memo[len(memo)] = strings[-1]
-                elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
-                    strings.append(memo[arg])
-                elif op.name == "GLOBAL":
-                    found.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
-                if op.name == "STOP":
-                    pos += at + 1
-                    break
-            else:
-                break
+            end = _scan_one(data, pos, found)
         except Exception:  # not (or no longer) a pickle: raw tensor bytes follow
             break
+        if end is None:
+            break
+        pos = end
     return list(dict.fromkeys(n.replace("__builtin__.", "builtins.") for n in found))
+
+
+def _scan_one(data: bytes, start: int, found: list[str]) -> int | None:
+    """Scan one pickle from ``start``; the offset after its STOP, or None if it has none."""
+    stack: list[object] = []
+    metastack: list[list[object]] = []
+    memo: dict[int, object] = {}
+
+    def pop() -> object:
+        return stack.pop() if stack else _OPAQUE
+
+    def pop_mark() -> None:
+        nonlocal stack
+        stack = metastack.pop() if metastack else []
+
+    for op, arg, at in pickletools.genops(data[start:]):
+        name = op.name
+        if name == "STOP":
+            return start + at + 1
+        if name == "MARK":
+            metastack.append(stack)
+            stack = []
+        elif name == "POP":
+            if stack:
+                stack.pop()
+            else:
+                pop_mark()
+        elif name == "DUP":
+            stack.append(stack[-1] if stack else _OPAQUE)
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else _OPAQUE
+        elif name in _PUT_OPS:
+            memo[int(arg)] = stack[-1] if stack else _OPAQUE
+        elif name in _GET_OPS:
+            stack.append(memo.get(int(arg), _OPAQUE))
+        elif name in ("GLOBAL", "INST"):
+            found.append(str(arg).replace(" ", "."))
+            if name == "INST":
+                pop_mark()
+            stack.append(_OPAQUE)
+        elif name == "STACK_GLOBAL":
+            attr, module = pop(), pop()
+            ok = isinstance(module, str) and isinstance(attr, str)
+            found.append(f"{module}.{attr}" if ok else DYNAMIC_GLOBAL)
+            stack.append(_OPAQUE)
+        elif [s.name for s in op.stack_after] in (["str"], ["bytes_or_str"]) and isinstance(
+            arg, str
+        ):
+            stack.append(arg)
+        else:
+            before = [s.name for s in op.stack_before]
+            if "mark" in before:
+                pop_mark()
+                for _ in range(before.index("mark")):
+                    pop()
+            else:
+                for _ in before:
+                    pop()
+            stack.extend(_OPAQUE for _ in op.stack_after)
+    return None
+
+
+def pickle_bytes(path: str, limit: int = 64 << 20) -> bytes:
+    """The pickle of a torch file: ``data.pkl`` inside a zip archive, else the file's start."""
+    if is_torch_zip(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if not names:
+                return b""
+            with archive.open(names[0]) as f:
+                return f.read(limit)
+    with open(path, "rb") as f:
+        return f.read(limit)
 
 
 def _is_torchscript(path: str) -> bool:
     with zipfile.ZipFile(path) as archive:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _warn_old_torch() -> None:
+    """Once per process, for library users (the CLI warns at start-up instead)."""
+    if not _torchcheck.warned:
+        _torchcheck.warned = True
+        message = _torchcheck.unpickler_warning(torch.__version__)
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def load_pickle(path: str, allow_globals: Iterable[str] = ()) -> Any:
@@ -112,6 +194,7 @@ def load_pickle(path: str, allow_globals: Iterable[str] = ()) -> Any:
     Raises UnsafeInputError naming the offending global, InputError for corrupt files.
     """
     allowed = resolve_allowed_globals(allow_globals)
+    _warn_old_torch()
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
     zipped = is_torch_zip(path)
@@ -131,12 +214,16 @@ def load_pickle(path: str, allow_globals: Iterable[str] = ()) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
         admitted = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
-        with open(path, "rb") as f:
-            names = [n for n in scan_globals(f.read(1 << 20)) if n not in admitted]
+        try:
+            names = [n for n in scan_globals(pickle_bytes(path)) if n not in admitted]
+        except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError):
+            names = []
         named = [n for n in names if not n.startswith(("torch.", "collections.", "_codecs."))]
         match = _GLOBAL_IN_MESSAGE.search(str(exc))
-        if named or match:
-            raise _unsafe(path, named or [match.group(1)]) from None
+        if match and match.group(1) not in named:
+            named.insert(0, match.group(1))  # what torch itself refused comes first
+        if named:
+            raise _unsafe(path, named) from None
         raise InputError(f"{path}: not a loadable torch pickle: {_reason(exc)}") from None
     except Exception as exc:  # torch raises many types for corrupt bytes; all mean "corrupt"
         raise InputError(f"{path}: corrupt or truncated torch file: {_first_line(exc)}") from None
@@ -144,9 +231,17 @@ def load_pickle(path: str, allow_globals: Iterable[str] = ()) -> Any:
 
 def _reason(exc: BaseException) -> str:
     """The informative line of torch's weights-only refusal (not its advice to disable it)."""
-    for line in str(exc).splitlines():
+    lines = [line.strip() for line in str(exc).splitlines()]
+    for i, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip()
+            after = [line.split("WeightsUnpickler error:", 1)[1].strip(), *lines[i + 1 :]]
+            reason = next((x for x in after if x), "")
+            if reason.startswith("Unsupported operand"):
+                reason += (
+                    " (the weights-only unpickler reads the pickle protocol torch.save writes "
+                    "by default, 2; re-save the file with that protocol where you trust it)"
+                )
+            return reason or _first_line(exc)
     return _first_line(exc)
 
 
@@ -157,7 +252,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _unsafe(path: str, names: list[str]) -> UnsafeInputError:
     never = [n for n in names if _is_blocked(n.rpartition(".")[0] or n)]
-    maybe = [n for n in names if n not in never]
+    maybe = [n for n in names if n not in never and n != DYNAMIC_GLOBAL]
     message = f"{path}: refusing to load: the pickle needs {', '.join(names)}, outside torch's weights-only allowlist."
     if never:
         message += f" {', '.join(never)} can run code and is never admitted."
@@ -168,8 +263,16 @@ def _unsafe(path: str, names: list[str]) -> UnsafeInputError:
 
 
 def _refuse_unsafe_globals(path: str, allowed: list[type]) -> None:
-    """Name every unsafe global at once (zip format only; read statically, nothing runs)."""
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    """Name every unsafe global at once (zip format only; read statically, nothing runs).
+
+    torch's static scan reads protocol-2 pickles only (what ``torch.save`` writes by
+    default); for other protocols it gives up and the weights-only unpickler, which checks
+    every global as it loads, is left to refuse.
+    """
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except pickle.UnpicklingError:
+        return
     admitted = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
     refused = [n for n in names if n not in admitted]
     if refused:

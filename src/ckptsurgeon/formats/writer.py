@@ -1,12 +1,18 @@
 """Writers: safetensors (one file or a Hugging Face sharded folder) and torch, atomically.
 
 Every write goes to a temporary sibling of the output, is fsynced, then renamed into place,
-so the output path only ever holds a complete checkpoint: the old one or the new one.
+so the output path only ever holds a complete checkpoint: the old one or the new one. A
+folder replaces an older folder with one atomic exchange (``renameat2(RENAME_EXCHANGE)``)
+where the kernel offers it. Temporaries are named after the writing process, so the next
+write to the same output removes those a killed run left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
 import re
@@ -139,9 +145,35 @@ def _write_torch(tmp: str, items: list[tuple[str, TensorRef]], on_bytes) -> None
         if on_bytes:
             on_bytes(ref.nbytes)
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        sink = _RecordingWriter(f)
+        try:
+            torch.save(state, sink)
+        except RuntimeError as exc:
+            # torch turns a failed write (a full disk) into "unexpected pos 704 vs 598";
+            # report the operating system's error instead.
+            if sink.error is not None:
+                raise sink.error from None
+            raise OSError(errno.EIO, f"torch.save failed: {str(exc).strip()[:200]}") from None
         f.flush()
         os.fsync(f.fileno())
+
+
+class _RecordingWriter:
+    """A binary file for ``torch.save`` that remembers the first OSError a write raised."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes) -> list[str]:
@@ -154,13 +186,20 @@ def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes) -> list[s
         return ["model.safetensors"]
     weight_map: dict[str, str] = {}
     names = []
+    digests: dict[str, str] = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        safetensors_io.write_safetensors(os.path.join(tmp, name), shard, metadata, on_bytes)
+        digests[name] = safetensors_io.write_safetensors(
+            os.path.join(tmp, name), shard, metadata, on_bytes
+        )
         weight_map.update(dict.fromkeys((n for n, _ in shard), name))
         names.append(name)
     index = {
-        "metadata": {"total_size": sum(ref.nbytes for _, ref in items), **metadata},
+        "metadata": {
+            "total_size": sum(ref.nbytes for _, ref in items),
+            **metadata,
+            safetensors_io.DIGEST_KEY: digests,  # each shard's content digest (inspect --verify)
+        },
         "weight_map": dict(sorted(weight_map.items())),
     }
     with open(os.path.join(tmp, SHARD_INDEX), "w", encoding="utf-8") as f:
@@ -190,24 +229,67 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(final: str) -> list[str]:
-    """Remove our temporaries for ``final`` left by runs that were killed."""
+    """Remove our temporaries for ``final`` left by runs that were killed.
+
+    A run killed half-way through the two-rename fallback (no atomic exchange) may have
+    moved the previous output aside (``...-old``) without putting the new one in place;
+    that previous output is restored first, then every stale temporary is removed.
+    """
     parent, base = os.path.split(os.path.abspath(final))
     removed = []
     prefix = f".{base}{TMP_MARK}"
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(parent):
-            if not name.startswith(prefix):
-                continue
-            pid = name[len(prefix) :].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                full = os.path.join(parent, name)
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(full)
-                removed.append(full)
+    try:
+        names = sorted(os.listdir(parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    stale = []
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.append(os.path.join(parent, name))
+    final = os.path.join(parent, base)
+    for full in stale:
+        if full.endswith(_OLD) and not os.path.lexists(final):
+            # The previous output, back where it was; if that fails, leave it for a person
+            # rather than delete the only copy.
+            with contextlib.suppress(OSError):
+                os.rename(full, final)
+            continue
+        _remove(full)
+        removed.append(full)
     return removed
+
+
+_OLD = "-old"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.cache
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap the two existing paths ``a`` and ``b`` in one atomic step (Linux ``renameat2``
+    with ``RENAME_EXCHANGE``). False, with nothing changed, where the system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def _remove(path: str) -> None:
@@ -224,35 +306,69 @@ def _looks_like_our_output(folder: str) -> bool:
     return all(n.endswith(allowed) for n in os.listdir(folder))
 
 
+def _makedirs(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)``; returns the folders it created, outermost first."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not os.path.isdir(folder):
+                raise
+            continue
+        created.append(folder)
+    return created
+
+
 @contextlib.contextmanager
 def atomic_path(final: str, *, is_dir: bool) -> Iterator[str]:
     """Yield a temporary path beside ``final``; on success move it into place atomically,
-    on any failure remove it, leaving ``final`` as it was."""
+    on any failure remove it (and any folder made for it), leaving ``final`` as it was."""
     final = os.path.abspath(final)
     parent, base = os.path.split(final)
-    os.makedirs(parent, exist_ok=True)
-    clean_stale_temporaries(final)
-    if os.path.isdir(final) and not (is_dir and _looks_like_our_output(final)):
-        raise UsageError(
-            f"output {final} is an existing folder that is not a checkpoint; refusing to replace it"
-        )
+    created = _makedirs(parent)
     tmp = os.path.join(parent, f".{base}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    if is_dir:
-        os.mkdir(tmp)
     try:
+        clean_stale_temporaries(final)
+        if os.path.isdir(final) and not (is_dir and _looks_like_our_output(final)):
+            raise UsageError(
+                f"output {final} is an existing folder that is not a checkpoint; "
+                "refusing to replace it"
+            )
+        if is_dir:
+            os.mkdir(tmp)
         yield tmp
         if is_dir:
             _fsync_dir(tmp)
-        if is_dir and os.path.exists(final):
-            old = f"{tmp}-old"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            _remove(old)
+        if is_dir and os.path.lexists(final):
+            if exchange(tmp, final):  # final is the new folder; tmp now holds the old one
+                _fsync_dir(parent)
+                _remove(tmp)
+            else:
+                old = f"{tmp}{_OLD}"
+                os.rename(final, old)
+                try:
+                    os.rename(tmp, final)
+                except BaseException:
+                    os.rename(old, final)
+                    raise
+                _fsync_dir(parent)
+                _remove(old)
         else:
             os.replace(tmp, final)
         _fsync_dir(parent)
     except BaseException:
         _remove(tmp)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise
 
 
@@ -260,17 +376,18 @@ def _within(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def refuse_overwriting_inputs(output: str, inputs: list[str]) -> None:
+def refuse_overwriting_inputs(output: str, inputs: list[str], what: str = "output") -> None:
     """UsageError when writing ``output`` could damage any of the ``inputs`` paths.
 
     Writing to an input, into an input folder, or replacing a folder that holds an input
-    are all refused; paths are compared after resolving links.
+    are all refused; paths are compared after resolving links (so a link to the source, or
+    the blob a Hugging Face cache snapshot links to, counts as the source).
     """
     out = os.path.realpath(output)
     for item in inputs:
         real = os.path.realpath(item)
         if _within(out, real) or _within(real, out):
             raise UsageError(
-                f"output {output} would overwrite the input {item}; "
-                "choose an output path outside the source"
+                f"{what} {output} would overwrite the input {item}; "
+                "choose a path outside the source"
             )

@@ -4,6 +4,11 @@ PyYAML's safe loader is used to compose the node graph; we build plain Python va
 it ourselves to (a) record the line and column of every node by its path, (b) refuse
 duplicate keys, which YAML forbids but PyYAML silently accepts, and (c) bound the work an
 alias bomb could cause.
+
+Parsing is bounded before any tree is built: a first pass over the parser's events (flat,
+not recursive, libyaml's C parser where installed) stops at the first event past the node
+or depth limit, so a hostile file of any shape is refused in well under a second and a
+deeply nested one never reaches the recursive composer.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from ckptsurgeon.errors import RulesError
 MAX_BYTES = 1_000_000
 MAX_NODES = 100_000
 MAX_DEPTH = 64
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_NODE_EVENTS = (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent, yaml.AliasEvent)
+_OPEN_EVENTS = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_CLOSE_EVENTS = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
 
 Path = tuple[Any, ...]
 
@@ -43,7 +53,8 @@ def parse(text: str, filename: str) -> Located:
     if len(text.encode("utf-8", errors="replace")) > MAX_BYTES:
         raise RulesError(f"{filename}: larger than {MAX_BYTES} bytes; not a rules file")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _bound(text, filename)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
@@ -54,6 +65,26 @@ def parse(text: str, filename: str) -> Located:
         return Located(filename, None, marks)
     builder = _Builder(filename, marks)
     return Located(filename, builder.build(node, ()), marks)
+
+
+def _bound(text: str, filename: str) -> None:
+    """Refuse a document with too many nodes or too deep a nesting, from its events."""
+    nodes = depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, _NODE_EVENTS):
+            nodes += 1
+        if isinstance(event, _OPEN_EVENTS):
+            depth += 1
+        elif isinstance(event, _CLOSE_EVENTS):
+            depth -= 1
+        if nodes > MAX_NODES or depth > MAX_DEPTH:
+            m = event.start_mark
+            what = (
+                f"more than {MAX_NODES} values"
+                if nodes > MAX_NODES
+                else (f"nested deeper than {MAX_DEPTH} levels")
+            )
+            raise RulesError(f"{filename}:{m.line + 1}:{m.column + 1}: {what}")
 
 
 class _Builder:

@@ -1,0 +1,507 @@
+"""Faults: kill -9 mid-run, a full disk, failing re-runs, outputs that would land on an input.
+
+The promises (README, "Safety and guarantees"): the output path only ever holds a complete
+checkpoint, the previous one or the new one; a killed run's temporaries are removed by the
+next run to the same output; a failure leaves no new file or folder and the previous output
+untouched; an output that would overwrite an input is refused (exit 2) before anything is
+written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import assert_clean_failure
+
+from ckptsurgeon.cli import cli
+from ckptsurgeon.engine.apply import apply_file
+from ckptsurgeon.errors import InputError, OutputError
+from ckptsurgeon.formats import open_checkpoint, write_checkpoint
+from ckptsurgeon.formats.integrity import verify_checkpoint
+from ckptsurgeon.formats.table import TensorRef, from_tensor
+from ckptsurgeon.formats.writer import TMP_MARK, clean_stale_temporaries
+
+INDEX = "model.safetensors.index.json"
+ROWS, COLS, COUNT = 1024, 2048, 32  # 32 tensors of 8 MiB: a 256 MiB source in 4 shards
+
+
+def _lazy(name: str, value: float, shape=(ROWS, COLS), dtype=torch.float32) -> TensorRef:
+    return TensorRef(shape, dtype, lambda: torch.full(shape, value, dtype=dtype), None, (name,))
+
+
+def _cli(*args: object) -> subprocess.CompletedProcess[str]:
+    argv = [str(a) for a in args]
+    result = CliRunner().invoke(cli, argv)
+    return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, result.stderr)
+
+
+def _snapshot(path: Path) -> dict[str, str] | None:
+    """sha256 of every file at ``path`` (a file or a folder); None when absent."""
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir())
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if TMP_MARK in n)
+
+
+def _old_output(path: Path) -> dict[str, str]:
+    """A small, complete, sharded checkpoint at ``path``: the previous good output."""
+    table = {f"old.{i}": _lazy(f"old.{i}", -i, shape=(64, 64)) for i in range(4)}
+    write_checkpoint(table, str(path), max_shard_size=40_000)
+    snap = _snapshot(path)
+    assert snap and len(snap) == 3  # two shards and the index
+    return snap
+
+
+def _assert_new_output(path: Path, prefix: str = "model.") -> None:
+    ckpt = open_checkpoint(path)
+    assert len(ckpt.tensors) == COUNT and all(n.startswith(prefix) for n in ckpt.tensors)
+    assert {v.status for v in verify_checkpoint(ckpt)} == {"ok"}
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 256 MiB sharded safetensors source plus rules files that rewrite it."""
+    root = tmp_path_factory.mktemp("big")
+    table = {f"layers.{i}.weight": _lazy(f"layers.{i}.weight", i) for i in range(COUNT)}
+    write_checkpoint(table, str(root / "src"), max_shard_size="64MB")
+    rename = "  - {op: rename, pattern: '^', replace: 'model.'}\n"
+    for name, body, shard in (
+        ("rename", rename, "64MB"),
+        ("cast", rename + "  - {op: cast, dtype: bfloat16}\n", "16MB"),
+    ):
+        (root / f"{name}.yaml").write_text(
+            f"version: 1\nsource: src\noutput: {{max_shard_size: {shard}}}\nrules:\n{body}"
+        )
+    return root
+
+
+# --------------------------------------------------------------------------------------
+# kill -9
+
+
+_INJECT = {
+    # After every byte is written and fsynced, before the output is swapped into place.
+    "before-commit": """
+        import ckptsurgeon.formats.writer as w
+        w.exchange = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)
+    """,
+    # The new output is in place; the previous one sits in a temporary about to be removed.
+    "after-swap": """
+        import ckptsurgeon.formats.writer as w
+        remove = w._remove
+        def _remove(path):
+            if w.TMP_MARK in path:
+                os.kill(os.getpid(), signal.SIGKILL)
+            remove(path)
+        w._remove = _remove
+    """,
+    # No atomic exchange here (the fallback): killed between moving the previous output
+    # aside and moving the new one in, the moment the output path is briefly empty.
+    "between-renames": """
+        import ckptsurgeon.formats.writer as w
+        w.exchange = lambda a, b: False
+        rename = os.rename
+        def _rename(a, b):
+            rename(a, b)
+            if str(b).endswith(w._OLD):
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.rename = _rename
+    """,
+}
+
+
+def _start(big: Path, rules: str, out: Path, inject: str | None = None) -> subprocess.Popen:
+    args = ["apply", str(big / rules), "--output", str(out), "--quiet"]
+    if inject is None:
+        cmd = [sys.executable, "-m", "ckptsurgeon", *args]
+    else:
+        code = "import os, signal, sys\n" + textwrap.dedent(_INJECT[inject])
+        code += (
+            f"\nsys.argv = ['ckptsurgeon', *{args!r}]\nfrom ckptsurgeon.cli import main\nmain()\n"
+        )
+        cmd = [sys.executable, "-c", code]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"the run ended (exit {proc.returncode}) before the kill point: {proc.stderr.read()}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("kill point never reached")
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _temp_files(parent: Path) -> list[Path]:
+    return [f for t in parent.glob(f"*{TMP_MARK}*") if t.is_dir() for f in t.iterdir()]
+
+
+def _after(seconds: float) -> Callable[[Path], bool]:
+    start = time.monotonic()
+    return lambda parent: time.monotonic() - start > seconds
+
+
+def _first_shard_part_written(parent: Path) -> bool:
+    return any(f.stat().st_size > 1 << 20 for f in _temp_files(parent))
+
+
+# point -> (rules file, a factory for "kill now?", called once the run has started)
+KILL_POINTS: dict[str, tuple[str, Callable[[], Callable[[Path], bool]]]] = {
+    # still starting (imports, reading the rules): nothing written yet
+    "starting": ("rename", lambda: _after(0.3)),
+    # the first shard is part-way out
+    "first-shard": ("rename", lambda: _first_shard_part_written),
+    # several shards out, more to come (cast: every tensor materialised, 8 shards)
+    "later-shard": ("cast", lambda: lambda parent: len(_temp_files(parent)) >= 3),
+}
+
+
+@pytest.mark.parametrize("point", [*KILL_POINTS, *_INJECT])
+def test_kill_9_never_leaves_a_partial_output(big: Path, tmp_path: Path, point: str) -> None:
+    out = tmp_path / "out"
+    before = _old_output(out)
+    if point in KILL_POINTS:
+        rules, make_ready = KILL_POINTS[point]
+        proc = _start(big, f"{rules}.yaml", out)
+        ready = make_ready()
+        _kill_when(proc, lambda: ready(tmp_path))
+    else:
+        rules = "rename"
+        proc = _start(big, "rename.yaml", out, inject=point)
+        proc.wait(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+
+    after = _snapshot(out)
+    if point == "after-swap":
+        assert after is not None and after != before  # already the complete new one
+        _assert_new_output(out)
+    elif point == "between-renames":
+        assert after is None  # the one moment the fallback leaves the path empty ...
+        clean_stale_temporaries(str(out))  # ... and the next run first puts it back
+        assert _snapshot(out) == before
+    else:
+        assert after == before, "the output path changed under a killed run"
+    if point in ("first-shard", "later-shard", "before-commit", "after-swap"):
+        assert _temporaries(tmp_path), "expected the killed run's temporaries"
+
+    report = apply_file(big / f"{rules}.yaml", output=str(out))  # the re-run
+    assert report["written"]["path"] == str(out)
+    _assert_new_output(out)
+    assert _temporaries(tmp_path) == [], "stale temporaries survived the re-run"
+
+
+def test_kill_9_then_rerun_from_the_cli(big: Path, tmp_path: Path, run_cli) -> None:
+    """The whole story as a user lives it: a run killed mid-write, then the same command."""
+    out = tmp_path / "out"
+    proc = _start(big, "rename.yaml", out)
+    _kill_when(proc, lambda: _first_shard_part_written(tmp_path))
+    assert not out.exists()
+    assert _temporaries(tmp_path)
+    rerun = run_cli("apply", big / "rename.yaml", "--output", out, "--quiet")
+    assert rerun.returncode == 0, rerun.stderr
+    _assert_new_output(out)
+    assert _temporaries(tmp_path) == []
+
+
+def test_temporaries_of_live_runs_are_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    live = tmp_path / f".out.safetensors{TMP_MARK}{os.getpid()}-abcd"
+    live.write_bytes(b"a run in progress")
+    other = tmp_path / f".other.safetensors{TMP_MARK}999999999-abcd"  # not ours to judge
+    other.write_bytes(b"x")
+    write_checkpoint({"w": from_tensor(torch.ones(2), "w")}, str(out))
+    assert live.exists() and other.exists()
+
+
+# --------------------------------------------------------------------------------------
+# re-runs over an existing output
+
+
+def test_failing_rerun_leaves_the_old_output_untouched(tmp_path: Path) -> None:
+    """A read error half-way through the write: the old output is byte-identical."""
+    out = tmp_path / "out"
+    before = _old_output(out)
+
+    def broken() -> torch.Tensor:
+        raise InputError("source.safetensors: file ended early (truncated while reading?)")
+
+    table = {f"t.{i}": _lazy(f"t.{i}", i, shape=(256, 256)) for i in range(6)}
+    table["t.3"] = TensorRef((256, 256), torch.float32, broken, None, ("t.3",))
+    with pytest.raises(InputError, match="ended early"):
+        write_checkpoint(table, str(out), max_shard_size=300_000)
+    assert _snapshot(out) == before
+    assert _temporaries(tmp_path) == []
+
+
+def test_failing_rerun_from_the_cli_leaves_the_old_output_untouched(
+    big: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    before = _old_output(out)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        (big / "rename.yaml").read_text().replace("source: src", f"source: {big / 'src'}")
+        + "  - {op: drop, pattern: '^nothing-matches'}\n"
+    )
+    assert_clean_failure(_cli("apply", typo, "--output", out), 1, "matched no key")
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two-renames"])
+def test_succeeding_rerun_replaces_atomically(
+    big: Path, tmp_path: Path, swap: str, monkeypatch
+) -> None:
+    """A reader polling the output during the re-run only ever sees a complete
+    checkpoint: the old one, then the new one (with the atomic exchange; the fallback
+    guarantees old-or-new-or-absent, never partial)."""
+    import ckptsurgeon.formats.writer as writer
+
+    if swap == "two-renames":
+        monkeypatch.setattr(writer, "exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    before = _old_output(out)
+    seen: list[str] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                names = sorted(os.listdir(out))
+                index = json.loads((out / INDEX).read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                seen.append("absent")
+                continue
+            shards = sorted({*index["weight_map"].values(), INDEX})
+            seen.append(
+                "old"
+                if names == sorted(before)
+                else "new"
+                if names == shards
+                else f"partial {names}"
+            )
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        apply_file(big / "rename.yaml", output=str(out))
+    finally:
+        done.set()
+        reader.join()
+    assert seen and seen[0] == "old", seen[:3]
+    assert not [s for s in seen if s.startswith("partial")]
+    if "new" in seen:  # once the new one is seen, the old one never comes back
+        assert "old" not in seen[seen.index("new") :]
+    if swap == "exchange":
+        assert "absent" not in seen
+    _assert_new_output(out)
+    assert _temporaries(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------
+# a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """An 8 MiB tmpfs (we run as root in CI); skipped only where one cannot be mounted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    try:
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _used(mount: Path) -> int:
+    return shutil.disk_usage(mount).used
+
+
+@pytest.fixture(scope="module")
+def sixteen_mib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("src16") / "src.safetensors"
+    table = {f"w.{i}": _lazy(f"w.{i}", i, shape=(512, 1024)) for i in range(8)}
+    write_checkpoint(table, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "output, dtype",
+    [
+        ("out.safetensors", None),  # bytes copied file-to-file
+        ("out.safetensors", "bfloat16"),  # tensors materialised (8 MiB still does not fit)
+        ("out.pt", None),  # torch.save
+        ("new/parents/out", None),  # a sharded folder in folders that did not exist
+    ],
+    ids=["copy", "cast", "torch", "folder-in-new-folders"],
+)
+def test_disk_full_is_a_clear_error_and_leaves_nothing(
+    small_disk: Path, sixteen_mib: Path, output: str, dtype: str | None
+) -> None:
+    if dtype:  # 8 MiB of bfloat16 plus the 8 MiB tmpfs's own overhead: still too big
+        pad = small_disk / "pad"
+        pad.write_bytes(b"\0" * (2 << 20))
+    empty = sorted(os.listdir(small_disk))
+    used = _used(small_disk)
+    args = ["--max-shard-size", "3MB"] if output.startswith("new/") else []
+    proc = _cli(
+        "convert", sixteen_mib, small_disk / output, *(["--dtype", dtype] if dtype else []), *args
+    )
+    assert_clean_failure(
+        proc, OutputError.exit_code, "No space left on device", "nothing was written"
+    )
+    assert sorted(os.listdir(small_disk)) == empty
+    assert _used(small_disk) == used
+
+
+def test_disk_full_rerun_keeps_the_previous_output(
+    small_disk: Path, sixteen_mib: Path, run_cli
+) -> None:
+    """From the real CLI: a small good output exists, the bigger re-run cannot fit."""
+    out = small_disk / "out"
+    before = _old_output(out)
+    used = _used(small_disk)
+    rules = small_disk.parent / "rules.yaml"
+    rules.write_text(
+        f"version: 1\nsource: {sixteen_mib}\noutput: {{path: {out}, max_shard_size: 3MB}}\n"
+        "rules:\n  - {op: rename, pattern: '^', replace: 'model.'}\n"
+    )
+    proc = run_cli("apply", rules, "--quiet")
+    assert_clean_failure(proc, 1, "No space left on device", "nothing was written")
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+    assert _snapshot(out) == before
+    assert sorted(os.listdir(small_disk)) == ["out"]
+    assert _used(small_disk) == used
+
+
+# --------------------------------------------------------------------------------------
+# outputs that would land on an input
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> Path:
+    """A single file, a sharded folder, and a Hugging Face cache-style snapshot of links."""
+    table = {f"w.{i}": _lazy(f"w.{i}", i, shape=(16, 16)) for i in range(4)}
+    write_checkpoint(table, str(tmp_path / "single.safetensors"))
+    write_checkpoint(table, str(tmp_path / "sharded"), max_shard_size=2000)
+    blobs, snapshot = tmp_path / "cache" / "blobs", tmp_path / "cache" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for item in sorted((tmp_path / "sharded").iterdir()):
+        blob = blobs / hashlib.sha256(item.name.encode()).hexdigest()
+        shutil.copy(item, blob)
+        (snapshot / item.name).symlink_to(os.path.relpath(blob, snapshot))
+    (tmp_path / "link.safetensors").symlink_to("single.safetensors")
+    return tmp_path
+
+
+def _blob_of_first_shard(root: Path) -> Path:
+    snapshot = root / "cache" / "snapshots" / "abc"
+    return sorted(snapshot.glob("model-*.safetensors"))[0].resolve()
+
+
+OVERLAPS: dict[str, Callable[[Path], tuple[str, str]]] = {
+    "same-file": lambda r: ("single.safetensors", "single.safetensors"),
+    "same-folder": lambda r: ("sharded", "sharded"),
+    "index-as-source, its folder as output": lambda r: (f"sharded/{INDEX}", "sharded"),
+    "file-inside-source-folder": lambda r: ("sharded", "sharded/new.safetensors"),
+    "folder-inside-source-folder": lambda r: ("sharded", "sharded/sub"),
+    "source-inside-output-folder": lambda r: ("sharded", "."),
+    "link-to-source": lambda r: ("single.safetensors", "link.safetensors"),
+    "source-through-link": lambda r: ("link.safetensors", "single.safetensors"),
+    "hf-cache-blob": lambda r: ("cache/snapshots/abc", str(_blob_of_first_shard(r))),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERLAPS))
+def test_output_on_or_in_the_source_is_refused(sources: Path, case: str, monkeypatch) -> None:
+    monkeypatch.chdir(sources)
+    source, output = OVERLAPS[case](sources)
+    before = {p: _snapshot(p) for p in sources.rglob("*") if p.is_file()}
+    proc = _cli("convert", source, output, "--dtype", "bfloat16")
+    assert_clean_failure(proc, 2, "would overwrite the input")
+    assert {p: _snapshot(p) for p in sources.rglob("*") if p.is_file()} == before
+    assert not [p for p in sources.rglob(f"*{TMP_MARK}*")]
+
+
+def test_apply_refuses_outputs_and_reports_over_its_inputs(sources: Path) -> None:
+    """apply's --output and output.path, the target's reference checkpoint, and --report
+    (over the source or over the rules file itself)."""
+    rules = sources / "rules.yaml"
+    rules.write_text(
+        "version: 1\nsource: sharded\ntarget: {checkpoint: single.safetensors}\n"
+        "output: single.safetensors\nrules: []\n"
+    )
+    before = {p: _snapshot(p) for p in sources.rglob("*") if p.is_file()}
+    for args in (
+        [],  # output.path is the target's reference checkpoint
+        ["--output", sources / "sharded"],
+        ["--output", sources / "sharded" / "x.safetensors"],
+        ["--output", sources / "o.safetensors", "--report", sources / "single.safetensors"],
+        ["--output", sources / "o.safetensors", "--report", rules],
+        [
+            "--output",
+            sources / "o.safetensors",
+            "--report",
+            sources / "sharded" / INDEX,
+            "--dry-run",
+        ],
+    ):
+        proc = _cli("apply", rules, *args)
+        assert_clean_failure(proc, 2, "would overwrite the input")
+    assert {p: _snapshot(p) for p in sources.rglob("*") if p.is_file()} == before
+    assert not (sources / "o.safetensors").exists()
+
+
+def test_hard_link_to_the_source_is_replaced_safely(sources: Path) -> None:
+    """A second name for the source's inode: writing replaces the name, never the bytes
+    the source still points to."""
+    source = sources / "single.safetensors"
+    link = sources / "hard.safetensors"
+    os.link(source, link)
+    before = _snapshot(source)
+    proc = _cli("convert", source, link, "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    assert _snapshot(source) == before
+    assert {r.dtype for r in open_checkpoint(link).tensors.values()} == {torch.bfloat16}
+
+
+def test_cli_output_equal_to_source(sources: Path, run_cli) -> None:
+    single = sources / "single.safetensors"
+    before = _snapshot(single)
+    proc = run_cli("convert", single, single, "--dtype", "bfloat16")
+    assert_clean_failure(proc, 2, "would overwrite the input")
+    assert _snapshot(single) == before
