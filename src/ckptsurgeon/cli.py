@@ -273,6 +273,80 @@ def check(
 
 
 @cli.command()
+@click.argument("a")
+@click.argument("b", required=False)
+@click.option(
+    "--target",
+    "target",
+    default=None,
+    metavar="SPEC",
+    help="Instead of B: pkg.module:callable, file.py:callable, a checkpoint or a manifest.",
+)
+@click.option("--kwargs", default=None, metavar="JSON", help="Keyword arguments for the model.")
+@click.option(
+    "--suggest", is_flag=True, help="Print a rules file that reconciles A with B (verified)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@source_options
+@handle_errors
+def diff(
+    a: str,
+    b: str | None,
+    target: str | None,
+    kwargs: str | None,
+    suggest: bool,
+    as_json: bool,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+) -> None:
+    """Differences between checkpoint A and checkpoint B (or --target SPEC): prefixes,
+    renames, heads, shapes, dtypes. With --suggest, print a rules file for `apply`.
+
+    Exit 0 when A and B are the same (with --suggest: when the printed rules make A load
+    strictly into B), 1 when not, as Unix diff does.
+    """
+    import os
+
+    from ckptsurgeon.errors import InputError, UsageError
+    from ckptsurgeon.formats import open_checkpoint
+    from ckptsurgeon.rules.config import SourceSpec
+    from ckptsurgeon.suggest import absolute_target, compare, render_rules
+    from ckptsurgeon.target.spec import resolve_target, target_spec_from_cli
+
+    if (b is None) == (target is None):
+        raise UsageError("diff: give B or --target SPEC (exactly one)")
+    if kwargs is not None and target is None:
+        raise UsageError("--kwargs goes with --target")
+    if b is not None and ":" not in b and not os.path.exists(b):
+        raise InputError(f"{b}: no such file or folder")
+    spec = target_spec_from_cli(b if b is not None else str(target), kwargs)
+    ckpt = open_checkpoint(a, key, allow_globals)
+    report = compare(ckpt, resolve_target(spec))
+    result: dict[str, Any] = report.to_dict()
+    if suggest:
+        source = SourceSpec(
+            path=os.path.abspath(a), key=ckpt.container, allow_globals=list(allow_globals)
+        )
+        result["rules_file"] = render_rules(report, source, absolute_target(spec))
+    if as_json:
+        _print_json(result)
+    elif suggest:
+        click.echo(result["rules_file"], nl=False)
+        if report.reconciled:
+            count = len(report.rules.rules)
+            _stderr(f"{count} rule{'' if count == 1 else 's'}; verified: A loads strictly into B")
+        else:
+            _stderr("not reconciled; with these rules, apply would still fail:")
+            for line in report.remaining():
+                click.echo(f"  {line}", err=True)
+    else:
+        for line in report.text():
+            click.echo(line)
+    if not (report.reconciled if suggest else report.identical):
+        sys.exit(1)
+
+
+@cli.command()
 @click.argument("rules_file", metavar="RULES.yaml")
 @handle_errors
 def validate(rules_file: str) -> None:

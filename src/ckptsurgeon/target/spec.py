@@ -161,6 +161,11 @@ def resolve_target(spec: TargetSpec, base_dir: str | None = None) -> TargetInfo:
 
 def target_from_cli(spec: str, kwargs_json: str | None, key: str | None = None) -> TargetInfo:
     """``--target SPEC [--kwargs JSON]``: a model spec, a checkpoint, or a manifest file."""
+    return resolve_target(target_spec_from_cli(spec, kwargs_json, key))
+
+
+def target_spec_from_cli(spec: str, kwargs_json: str | None, key: str | None = None) -> TargetSpec:
+    """The ``target:`` section that ``--target SPEC [--kwargs JSON]`` stands for."""
     kwargs: dict[str, Any] = {}
     if kwargs_json:
         try:
@@ -171,10 +176,10 @@ def target_from_cli(spec: str, kwargs_json: str | None, key: str | None = None) 
             raise UsageError("--kwargs: must be a JSON object")
     if os.path.exists(spec):
         if spec.endswith(".json") and not spec.endswith(".index.json"):
-            return resolve_target(TargetSpec(manifest=spec))
-        return resolve_target(TargetSpec(checkpoint=spec, key=key))
+            return TargetSpec(manifest=spec)
+        return TargetSpec(checkpoint=spec, key=key)
     if ":" in spec:
-        return resolve_target(TargetSpec(model=spec, kwargs=kwargs))
+        return TargetSpec(model=spec, kwargs=kwargs)
     raise UsageError(f"--target {spec!r}: not a file, and not 'pkg.module:callable'")
 
 
