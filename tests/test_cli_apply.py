@@ -166,6 +166,59 @@ def test_alias_bombs_and_absurd_documents_are_rejected_fast(
     assert_clean_failure(proc, 2)
 
 
+# Each is refused (exit 2) within a couple of seconds however it is built: the size cap,
+# then a flat pass over the parser's events bounded by node count and depth, then the tree.
+HOSTILE_RULES = {
+    "billion-laughs": "a: &a ['x','x','x','x','x','x','x','x','x']\n"
+    + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    ),
+    "over-the-size-cap": "rules:\n" + "  - {op: drop, pattern: x}\n" * 60_000,
+    "a-megabyte-of-block-scalars": "rules:\n" + "- x\n" * 249_000,
+    "a-megabyte-of-flow-scalars": "rules: [" + "1," * 499_000 + "1]",
+    "400k-deep-flow-nesting": "rules: " + "[" * 400_000 + "]" * 400_000,
+    "deep-block-nesting": "".join("  " * i + "- \n" for i in range(2000)),
+    "huge-mapping": "".join(f"k{i}: {i}\n" for i in range(110_000))[:999_000],
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RULES))
+def test_hostile_rules_files_are_rejected_within_two_seconds(tmp_path: Path, case: str) -> None:
+    import time
+
+    from click.testing import CliRunner
+
+    from ckptsurgeon.cli import cli
+    from ckptsurgeon.errors import RulesError
+    from ckptsurgeon.rules.document import load_rules
+
+    path = tmp_path / "hostile.yaml"
+    path.write_text(HOSTILE_RULES[case])
+    start = time.perf_counter()
+    with pytest.raises(RulesError):
+        load_rules(path)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"{case}: {elapsed:.2f} s"
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+def test_cli_hostile_rules_files(tmp_path: Path, run_cli) -> None:
+    """The real command on the two that used to be slowest (a megabyte of scalars took
+    12-23 s) or escaped (400 000 nested brackets hit Python's recursion limit)."""
+    import time
+
+    for case in ("a-megabyte-of-flow-scalars", "400k-deep-flow-nesting"):
+        path = tmp_path / f"{case}.yaml"
+        path.write_text(HOSTILE_RULES[case])
+        start = time.perf_counter()
+        proc = run_cli("validate", path, timeout=60)
+        assert time.perf_counter() - start < 5, case  # interpreter start-up included
+        assert_clean_failure(proc, 2, str(path))
+
+
 def test_check_command(project: Path, run_cli) -> None:
     out = project / "out.safetensors"
     assert run_cli("apply", project / "rules.yaml").returncode == 0

@@ -8,7 +8,12 @@ from typing import Any
 from ckptsurgeon.api import provenance
 from ckptsurgeon.engine.plan import PlanFailed, make_plan
 from ckptsurgeon.errors import UsageError
-from ckptsurgeon.formats.writer import Progress, refuse_overwriting_inputs, write_checkpoint
+from ckptsurgeon.formats.writer import (
+    Progress,
+    check_output,
+    refuse_overwriting_inputs,
+    write_checkpoint,
+)
 from ckptsurgeon.rules.document import RulesFile, load_rules
 
 
@@ -42,12 +47,14 @@ def apply_rules(
             + "\n  ".join(plan.check.lines()),
             report,
         )
+    spec = rules.output_spec
+    if plan.output is not None:  # what the write would refuse, a dry run refuses too
+        check_output(plan.output, spec.max_shard_size)
+        refuse_overwriting_inputs(plan.output, inputs)
     if dry_run:
         return report
     if plan.output is None:
         raise UsageError("no output: give output.path in the rules file or --output")
-    refuse_overwriting_inputs(plan.output, inputs)
-    spec = rules.output_spec
     result = write_checkpoint(
         plan.table,
         plan.output,

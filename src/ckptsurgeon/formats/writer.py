@@ -65,6 +65,17 @@ def output_kind(path: str) -> str:
     return "folder"
 
 
+def check_output(path: str, max_shard_size: int | str | None = None) -> str:
+    """UsageError for an output ``write_checkpoint`` would refuse; else its kind. Lets a
+    dry run fail exactly where the real run would."""
+    kind = output_kind(path)
+    if max_shard_size is not None:
+        if kind != "folder":
+            raise UsageError("max_shard_size needs a folder output (a path with no suffix)")
+        parse_size(max_shard_size)
+    return kind
+
+
 def plan_shards(
     items: list[tuple[str, TensorRef]], max_size: int
 ) -> list[list[tuple[str, TensorRef]]]:
@@ -106,9 +117,7 @@ def write_checkpoint(
     progress: Progress | None = None,
 ) -> WriteResult:
     """Write ``table`` to ``path`` atomically; the suffix picks the format (see output_kind)."""
-    kind = output_kind(path)
-    if max_shard_size is not None and kind != "folder":
-        raise UsageError("max_shard_size needs a folder output (a path with no suffix)")
+    kind = check_output(path, max_shard_size)
     metadata = {"format": "pt", **(metadata or {})}
     items = list(table.items())
     total = sum(ref.nbytes for _, ref in items)
