@@ -19,6 +19,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -313,15 +314,16 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 class _Digests:
-    """sha256 of each tensor as it is written, computed on one helper thread so hashing
+    """sha256 of each tensor as it is written, computed on helper threads so hashing
     overlaps the copy (hashlib releases the GIL). Bytes copied file-to-file are hashed by
     reading them back from the output, so the digest is of what was written."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsurgeon-sha256")
+        workers = max(1, min(2, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ckptsurgeon-sha256")
         self._futures: list[Future[bytes]] = []
-        self._buf: bytearray | None = None
+        self._local = threading.local()
 
     def buffer(self, data: memoryview) -> Future[bytes]:
         future = self._pool.submit(lambda: hashlib.sha256(data).digest())
@@ -332,13 +334,16 @@ class _Digests:
         self._futures.append(self._pool.submit(self._read_back, offset, length))
 
     def _read_back(self, offset: int, length: int) -> bytes:
-        if self._buf is None:
-            self._buf = bytearray(CHUNK)
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(min(CHUNK, max(length, 1)))
+        elif len(buf) < min(CHUNK, length):
+            buf = self._local.buf = bytearray(min(CHUNK, length))
         h = hashlib.sha256()
-        view = memoryview(self._buf)
+        view = memoryview(buf)
         end = offset + length
         while offset < end:
-            got = os.preadv(self._fd, [view[: min(CHUNK, end - offset)]], offset)
+            got = os.preadv(self._fd, [view[: min(len(buf), end - offset)]], offset)
             if got <= 0:
                 raise OSError(errno.EIO, "short read verifying the bytes just written")
             h.update(view[:got])
