@@ -5,8 +5,10 @@ Generates Hugging Face-layout sharded safetensors checkpoints (1 GiB and 4 GiB b
 
 * ``cp -r`` of the folder (the floor: what copying the bytes costs);
 * CLI start-up: ``ckptsurgeon apply`` on a tiny checkpoint (imports, model-free plan);
-* ``apply`` renaming every key into a sharded folder;
-* ``apply`` casting everything to bfloat16 into a sharded folder;
+* ``apply --no-fsync`` renaming every key into a sharded folder (like ``cp -r``, it does not
+  wait for the disk);
+* ``apply --no-fsync`` casting everything to bfloat16 into a sharded folder;
+* ``apply`` (durable, the default) renaming, against ``cp -r && sync``;
 * the naive recipe: ``safetensors.torch.load_file`` every shard, rename, ``save_torch_state_dict``.
 
 Peak RSS is each child process's ``ru_maxrss``. Targets (issue "Streaming at scale"):
@@ -182,7 +184,9 @@ def verify(work: Path) -> None:
 
     src = work / "verify_src"
     shard = make_checkpoint(src, 8 << 20)
-    rename = rules_file(work, "rename", "  - {op: rename, pattern: '^', replace: 'model.'}\n", shard)
+    rename = rules_file(
+        work, "rename", "  - {op: rename, pattern: '^', replace: 'model.'}\n", shard
+    )
     cast = rules_file(work, "cast", "  - {op: cast, dtype: bfloat16}\n", shard)
     expected = {}
     for f in src.glob("*.safetensors"):
@@ -193,8 +197,10 @@ def verify(work: Path) -> None:
         (cast, lambda k: k, lambda t: t.bfloat16()),
     ):
         out = work / "verify_out"
-        subprocess.run([*CLI, "apply", str(rules), "--source", str(src), "--output", str(out),
-                        "--quiet"], check=True)
+        subprocess.run(
+            [*CLI, "apply", str(rules), "--source", str(src), "--output", str(out), "--quiet"],
+            check=True,
+        )
         got = {}
         for f in out.glob("*.safetensors"):
             with safe_open(f, framework="pt") as h:
@@ -222,23 +228,42 @@ def check_7b(work: Path) -> tuple[float, int]:
     from ckptsurgeon.formats.safetensors_io import build_header
     from ckptsurgeon.formats.table import TensorRef
 
-    kwargs = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}
+    kwargs = {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+    }
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    items = [(n, TensorRef(tuple(t.shape), torch.bfloat16, lambda: None))
-             for n, t in model.state_dict().items()]
+    items = [
+        (n, TensorRef(tuple(t.shape), torch.bfloat16, lambda: None))
+        for n, t in model.state_dict().items()
+    ]
     params = sum(t.numel() for t in model.state_dict().values())
     header = build_header(items, {"format": "pt"})
     path = work / "llama7b.safetensors"
     with open(path, "wb") as f:
         f.write(header)
         f.truncate(len(header) + sum(r.nbytes for _, r in items))
-    wall, rss = timed([*CLI, "check", str(path), "--target", "transformers:LlamaForCausalLM",
-                       "--kwargs", json.dumps(kwargs)])
+    wall, rss = timed(
+        [
+            *CLI,
+            "check",
+            str(path),
+            "--target",
+            "transformers:LlamaForCausalLM",
+            "--kwargs",
+            json.dumps(kwargs),
+        ]
+    )
     path.unlink()
-    print(f"\n`check` against a {params / 1e9:.2f}B-parameter Llama built on the meta device: "
-          f"{wall:.2f} s, {rss / (1 << 20):.0f} MiB peak RSS")
+    print(
+        f"\n`check` against a {params / 1e9:.2f}B-parameter Llama built on the meta device: "
+        f"{wall:.2f} s, {rss / (1 << 20):.0f} MiB peak RSS"
+    )
     return wall, rss
 
 
@@ -282,8 +307,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 4.0], help="GiB")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--verify-only", action="store_true",
-                        help="only check that the outputs are exact (what CI runs)")
+    parser.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="only check that the outputs are exact (what CI runs)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ckptsurgeon-bench-", dir=args.workdir))
     try:

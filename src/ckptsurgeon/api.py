@@ -42,6 +42,7 @@ def convert(
     key: str | None = None,
     allow_globals: Iterable[str] = (),
     progress: Progress | None = None,
+    durable: bool = True,
 ) -> WriteResult:
     """Rewrite ``source`` into the format ``output``'s suffix names, optionally casting
     floating tensors to ``dtype`` and sharding a folder output."""
@@ -59,6 +60,7 @@ def convert(
         max_shard_size=max_shard_size,
         metadata=provenance(source),
         progress=progress,
+        durable=durable,
     )
 
 

@@ -131,6 +131,7 @@ def inspect(
 @click.option("--dtype", default=None, help="Cast floating tensors (bfloat16, float16, ...).")
 @click.option("--max-shard-size", default=None, help="Shard a folder output, e.g. 5GB.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
 @source_options
 @handle_errors
 def convert(
@@ -139,6 +140,7 @@ def convert(
     dtype: str | None,
     max_shard_size: str | None,
     quiet: bool,
+    no_fsync: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
@@ -156,6 +158,7 @@ def convert(
             key=key,
             allow_globals=allow_globals,
             progress=progress,
+            durable=not no_fsync,
         )
 
     _stderr(f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})")
@@ -170,6 +173,7 @@ def convert(
 @click.option("--report", "report_path", default=None, help="Also write the JSON report here.")
 @click.option("--no-finetune", is_flag=True, help="Skip the finetune: section, if any.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no plan table.")
+@click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
 @handle_errors
 def apply(
     rules_file: str,
@@ -180,6 +184,7 @@ def apply(
     report_path: str | None,
     no_finetune: bool,
     quiet: bool,
+    no_fsync: bool,
 ) -> None:
     """Load, rewrite by the rules, check against the target, write."""
     import os
@@ -200,6 +205,7 @@ def apply(
                 progress=progress,
                 finetune=False,
                 report_path=report_path,
+                durable=not no_fsync,
             )
     except PlanFailed as exc:
         _emit_report(exc.report, as_json, report_path, show=as_json)

@@ -26,6 +26,7 @@ def apply_rules(
     dry_run: bool = False,
     progress: Progress | None = None,
     finetune: bool = True,
+    durable: bool = True,
     log=print,
     report_path: str | None = None,
 ) -> dict[str, Any]:
@@ -61,6 +62,7 @@ def apply_rules(
         max_shard_size=spec.max_shard_size,
         metadata=provenance(plan.source.path),
         progress=progress,
+        durable=spec.fsync and durable,
     )
     report["written"] = {"path": result.path, "files": result.files, "bytes": result.total_bytes}
     if finetune and rules.finetune is not None:
@@ -85,6 +87,7 @@ def apply_file(
     dry_run: bool = False,
     progress: Progress | None = None,
     finetune: bool = True,
+    durable: bool = True,
     log=print,
     report_path: str | None = None,
 ) -> dict[str, Any]:
@@ -102,6 +105,7 @@ def apply_file(
         dry_run=dry_run,
         progress=progress,
         finetune=finetune,
+        durable=durable,
         log=log,
         report_path=report_path,
     )

@@ -115,8 +115,14 @@ def write_checkpoint(
     max_shard_size: int | str | None = None,
     metadata: dict[str, str] | None = None,
     progress: Progress | None = None,
+    durable: bool = True,
 ) -> WriteResult:
-    """Write ``table`` to ``path`` atomically; the suffix picks the format (see output_kind)."""
+    """Write ``table`` to ``path`` atomically; the suffix picks the format (see output_kind).
+
+    ``durable`` fsyncs files and folders before and after the rename, so the output survives
+    a power cut too; without it the write is still atomic against crashes of this process
+    (kill -9), and costs what ``cp -r`` costs instead of waiting for the disk.
+    """
     kind = check_output(path, max_shard_size)
     metadata = {"format": "pt", **(metadata or {})}
     items = list(table.items())
@@ -126,15 +132,15 @@ def write_checkpoint(
         progress.start(total)
         on_bytes = progress.advance
     try:
-        with atomic_path(path, is_dir=kind == "folder") as tmp:
+        with atomic_path(path, is_dir=kind == "folder", durable=durable) as tmp:
             if kind == "safetensors":
-                safetensors_io.write_safetensors(tmp, items, metadata, on_bytes)
+                safetensors_io.write_safetensors(tmp, items, metadata, on_bytes, sync=durable)
                 files = [path]
             elif kind == "torch":
-                _write_torch(tmp, items, on_bytes)
+                _write_torch(tmp, items, on_bytes, durable)
                 files = [path]
             else:
-                names = _write_folder(tmp, items, max_shard_size, metadata, on_bytes)
+                names = _write_folder(tmp, items, max_shard_size, metadata, on_bytes, durable)
                 files = [os.path.join(path, n) for n in names]
     except OSError as exc:
         raise OutputError(
@@ -143,7 +149,7 @@ def write_checkpoint(
     return WriteResult(path, kind, files, total)
 
 
-def _write_torch(tmp: str, items: list[tuple[str, TensorRef]], on_bytes) -> None:
+def _write_torch(tmp: str, items: list[tuple[str, TensorRef]], on_bytes, sync: bool) -> None:
     state = {}
     for name, ref in items:
         tensor = ref.load()
@@ -164,7 +170,8 @@ def _write_torch(tmp: str, items: list[tuple[str, TensorRef]], on_bytes) -> None
                 raise sink.error from None
             raise OSError(errno.EIO, f"torch.save failed: {str(exc).strip()[:200]}") from None
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
 
 
 class _RecordingWriter:
@@ -185,12 +192,12 @@ class _RecordingWriter:
         self._f.flush()
 
 
-def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes) -> list[str]:
+def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes, sync: bool) -> list[str]:
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     shards = plan_shards(items, limit) if limit else [items]
     if len(shards) == 1:
         safetensors_io.write_safetensors(
-            os.path.join(tmp, "model.safetensors"), items, metadata, on_bytes
+            os.path.join(tmp, "model.safetensors"), items, metadata, on_bytes, sync=sync
         )
         return ["model.safetensors"]
     weight_map: dict[str, str] = {}
@@ -199,7 +206,7 @@ def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes) -> list[s
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         digests[name] = safetensors_io.write_safetensors(
-            os.path.join(tmp, name), shard, metadata, on_bytes
+            os.path.join(tmp, name), shard, metadata, on_bytes, sync=sync
         )
         weight_map.update(dict.fromkeys((n for n, _ in shard), name))
         names.append(name)
@@ -215,8 +222,13 @@ def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes) -> list[s
         json.dump(index, f, indent=2)
         f.write("\n")
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return [*names, SHARD_INDEX]
+
+
+def _no_sync(path: str) -> None:
+    pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -337,9 +349,11 @@ def _makedirs(path: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str, *, is_dir: bool) -> Iterator[str]:
+def atomic_path(final: str, *, is_dir: bool, durable: bool = True) -> Iterator[str]:
     """Yield a temporary path beside ``final``; on success move it into place atomically,
-    on any failure remove it (and any folder made for it), leaving ``final`` as it was."""
+    on any failure remove it (and any folder made for it), leaving ``final`` as it was.
+    ``durable`` also fsyncs the folders around the rename."""
+    sync_dir = _fsync_dir if durable else _no_sync
     final = os.path.abspath(final)
     parent, base = os.path.split(final)
     created = _makedirs(parent)
@@ -355,10 +369,10 @@ def atomic_path(final: str, *, is_dir: bool) -> Iterator[str]:
             os.mkdir(tmp)
         yield tmp
         if is_dir:
-            _fsync_dir(tmp)
+            sync_dir(tmp)
         if is_dir and os.path.lexists(final):
             if exchange(tmp, final):  # final is the new folder; tmp now holds the old one
-                _fsync_dir(parent)
+                sync_dir(parent)
                 _remove(tmp)
             else:
                 old = f"{tmp}{_OLD}"
@@ -368,11 +382,11 @@ def atomic_path(final: str, *, is_dir: bool) -> Iterator[str]:
                 except BaseException:
                     os.rename(old, final)
                     raise
-                _fsync_dir(parent)
+                sync_dir(parent)
                 _remove(old)
         else:
             os.replace(tmp, final)
-        _fsync_dir(parent)
+        sync_dir(parent)
     except BaseException:
         _remove(tmp)
         for folder in reversed(created):

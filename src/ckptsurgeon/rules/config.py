@@ -78,6 +78,9 @@ class OutputSpec(Strict):
     path: str | None = Field(None, description=".safetensors, .pt/.pth/.bin, or a folder")
     dtype: DType | None = None
     max_shard_size: str | int | None = Field(None, description='e.g. "5GB" (decimal units)')
+    fsync: bool = Field(
+        True, description="wait for the disk (survives power loss); false: as fast as cp -r"
+    )
 
 
 class CheckSpec(Strict):
