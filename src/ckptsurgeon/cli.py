@@ -65,6 +65,26 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def target_options(required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--target SPEC`` and ``--kwargs JSON``, shared by ``check`` and ``diff``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option(
+            "--kwargs", default=None, metavar="JSON", help="Keyword arguments for the model."
+        )(fn)
+        where = "" if required else "Instead of B: "
+        return click.option(
+            "--target",
+            "target",
+            required=required,
+            default=None,
+            metavar="SPEC",
+            help=f"{where}pkg.module:callable, file.py:callable, a checkpoint or a manifest.",
+        )(fn)
+
+    return decorate
+
+
 def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2))
 
@@ -241,14 +261,7 @@ def _emit_report(report: dict, as_json: bool, path: str | None, show: bool) -> N
 
 @cli.command()
 @click.argument("path")
-@click.option(
-    "--target",
-    "target",
-    required=True,
-    metavar="SPEC",
-    help="pkg.module:callable, file.py:callable, a checkpoint or a manifest.",
-)
-@click.option("--kwargs", default=None, metavar="JSON", help="Keyword arguments for the model.")
+@target_options(required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @source_options
 @handle_errors
@@ -281,14 +294,7 @@ def check(
 @cli.command()
 @click.argument("a")
 @click.argument("b", required=False)
-@click.option(
-    "--target",
-    "target",
-    default=None,
-    metavar="SPEC",
-    help="Instead of B: pkg.module:callable, file.py:callable, a checkpoint or a manifest.",
-)
-@click.option("--kwargs", default=None, metavar="JSON", help="Keyword arguments for the model.")
+@target_options(required=False)
 @click.option(
     "--suggest", is_flag=True, help="Print a rules file that reconciles A with B (verified)."
 )

@@ -505,6 +505,8 @@ class AdaptInputChannels(TensorOp):
 class _FromTarget(Op):
     """Ops that take fresh values from the target (its own initialisation, or ``init``)."""
 
+    nothing_found: ClassVar[str] = ""
+
     pattern: Pattern | None = None
     init: InitName | None = Field(
         None, description="for checkpoint/manifest targets (no model to initialise from)"
@@ -518,16 +520,17 @@ class _FromTarget(Op):
     def _selected(self, names: Iterable[str]) -> list[str]:
         return [n for n in names if self.pattern is None or self.regex.search(n)]
 
+    def describe_selector(self) -> str:
+        where = f" among keys matching {self.pattern!r}" if self.pattern else ""
+        return f"{self.nothing_found}{where}:"
+
 
 @register
 class ReinitMismatched(_FromTarget):
     """Keys whose shape differs from the target's take the target's fresh values."""
 
     op: Literal["reinit_mismatched"] = "reinit_mismatched"
-
-    def describe_selector(self) -> str:
-        where = f" among keys matching {self.pattern!r}" if self.pattern else ""
-        return f"no shape mismatch with the target{where}:"
+    nothing_found: ClassVar[str] = "no shape mismatch with the target"
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
         expected = ctx.target.expected if ctx.target else {}
@@ -549,10 +552,7 @@ class FillMissing(_FromTarget):
     """Keys the target has and the checkpoint lacks take the target's fresh values."""
 
     op: Literal["fill_missing"] = "fill_missing"
-
-    def describe_selector(self) -> str:
-        where = f" among keys matching {self.pattern!r}" if self.pattern else ""
-        return f"no key missing from the checkpoint{where}:"
+    nothing_found: ClassVar[str] = "no key missing from the checkpoint"
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
         expected = ctx.target.expected if ctx.target else {}
