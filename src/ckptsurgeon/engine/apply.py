@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from ckptsurgeon.api import provenance
@@ -37,7 +38,9 @@ def apply_rules(
     ``report_path`` (where the caller will write the report) is refused, like the output,
     when it would overwrite an input.
     """
+    started = time.perf_counter()
     plan = make_plan(rules, base_dir, source=source, output=output)
+    planned = time.perf_counter()
     inputs = [plan.source.path, *plan.source.files, *_target_files(rules, base_dir)]
     if report_path is not None:
         refuse_overwriting_inputs(report_path, inputs, what="--report")
@@ -64,7 +67,17 @@ def apply_rules(
         progress=progress,
         durable=spec.fsync and durable,
     )
-    report["written"] = {"path": result.path, "files": result.files, "bytes": result.total_bytes}
+    report["written"] = {
+        "path": result.path,
+        "files": result.files,
+        "bytes": result.total_bytes,
+        "durable": spec.fsync and durable,
+    }
+    # The work itself, without interpreter start-up and imports (benchmarks compare it).
+    report["seconds"] = {
+        "plan": round(planned - started, 4),
+        "write": round(time.perf_counter() - planned, 4),
+    }
     if finetune and rules.finetune is not None:
         from ckptsurgeon.finetune import finetune_from_rules
 
