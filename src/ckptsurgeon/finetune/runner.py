@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -187,6 +188,16 @@ def _score(m: dict[str, Any]) -> float:
     return -m["train_loss"]
 
 
+def batches(loader: DataLoader, label: str, rt: Runtime):
+    """The loader's batches, with a progress bar on rank 0 when stderr is a terminal."""
+    if not (rt.main and sys.stderr.isatty()):
+        return loader
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(loader, description=label, transient=True, console=Console(stderr=True))
+
+
 def run_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -201,7 +212,7 @@ def run_epoch(
     model.train()
     total, count = 0.0, 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    for inputs, target in loader:
+    for inputs, target in batches(loader, "training", rt):
         inputs, target = to_device(inputs, rt.device), target.to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = forward(model, inputs)
@@ -232,7 +243,7 @@ def evaluate(
     """Mean loss and accuracy (a fraction) over the whole validation set, all ranks."""
     model.eval()
     loss_sum, correct, count = 0.0, 0.0, 0
-    for inputs, target in loader:
+    for inputs, target in batches(loader, "validating", rt):
         inputs, target = to_device(inputs, rt.device), target.to(rt.device)
         with rt.autocast():
             logits = forward(model, inputs).float()
