@@ -200,7 +200,7 @@ def written(work: Path) -> tuple[Path, bytes, int]:
     return path, path.read_bytes(), safetensors_io.read_header(str(path)).data_start
 
 
-@FUZZ
+@settings(FUZZ, max_examples=SCALE or 200)
 @given(data=st.data())
 def test_any_flipped_byte_is_refused_or_harmless_and_data_flips_are_caught(
     work: Path, written: tuple[Path, bytes, int], data: st.DataObject
@@ -348,7 +348,7 @@ def rules_inputs(work: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # "possible nested set" in a regex
-@settings(FUZZ, max_examples=SCALE or 250)
+@settings(FUZZ, max_examples=SCALE or 200)
 @given(data=st.data())
 def test_random_rules_documents_end_in_exit_0_1_or_2(
     work: Path, rules_inputs: tuple[Path, Path], data: st.DataObject
