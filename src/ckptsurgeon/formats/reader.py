@@ -12,7 +12,7 @@ import torch
 from ckptsurgeon.errors import InputError, UsageError
 from ckptsurgeon.formats import dcp_io, safetensors_io, torch_io
 from ckptsurgeon.formats.index import find_index, read_index
-from ckptsurgeon.formats.table import Table, TensorRef, from_tensor
+from ckptsurgeon.formats.table import Table, from_tensor
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
 
@@ -239,10 +239,3 @@ def _choose_prefix_container(ckpt: Checkpoint, key: str | None) -> None:
     ckpt.tensors = picked
     ckpt.container = key
     ckpt.note = ckpt.note or f"container {key!r} chosen with --key"
-
-
-def load(
-    path: str | os.PathLike, key: str | None = None, allow_globals: Iterable[str] = ()
-) -> dict[str, TensorRef]:
-    """The lazy table of ``path`` (name -> :class:`TensorRef`)."""
-    return open_checkpoint(path, key, allow_globals).tensors
