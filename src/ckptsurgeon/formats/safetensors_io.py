@@ -2,26 +2,22 @@
 
 The reader validates a header as strictly as the reference Rust reader (and catches the
 duplicate keys its JSON parser lets through), then serves each tensor lazily with one
-positioned read. The writer streams: header first, then tensor after tensor, copying
-unchanged bytes file-to-file so memory stays flat whatever the checkpoint's size.
+positioned read. Headers are encoded here too; the streaming writer that uses them is
+:mod:`ckptsurgeon.formats.streaming`.
 
-Every file the writer makes records its own sha256 digests in ``__metadata__`` (see
+Every file ckptsurgeon writes records its own sha256 digests in ``__metadata__`` (see
 :func:`content_digest`), so ``inspect --verify`` can later prove it intact or name the
-tensor whose bytes changed. The header is written first with zero-filled placeholders of
-the digests' exact length and patched in place once the data is out: one pass, flat memory.
+tensor whose bytes changed.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
 import struct
-import threading
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,44 +213,37 @@ def open_safetensors(path: str, header: Header | None = None) -> Table:
     return table
 
 
-def _layout(items: list[tuple[str, TensorRef]]) -> list[tuple[str, TensorRef]]:
-    # The reference writer's order: widest dtype first (keeps every tensor aligned for
-    # zero-copy mmap readers), then by name, so the same table always gives the same bytes.
+def layout(items: Sequence[tuple[str, TensorRef]]) -> list[tuple[str, TensorRef]]:
+    """The reference writer's data order: widest dtype first (keeps every tensor aligned for
+    zero-copy mmap readers), then by name, so the same table always gives the same bytes."""
     return sorted(items, key=lambda kv: (-kv[1].dtype.itemsize, kv[0]))
 
 
-def _entries(items: list[tuple[str, TensorRef]]) -> list[tuple[str, dict[str, Any]]]:
-    """Header entries for tensors written in ``items`` order."""
+def encode_header(
+    ordered: Sequence[tuple[str, TensorRef]], metadata: dict[str, str]
+) -> tuple[bytes, list[tuple[str, dict[str, Any]]]]:
+    """The encoded header (length prefix included, padded to 8 bytes) for tensors stored in
+    ``ordered`` order, and its tensor entries in that order."""
     entries = []
     offset = 0
-    for name, ref in items:
-        entries.append(
-            (
-                name,
-                {
-                    "dtype": st_dtype(ref.dtype),
-                    "shape": list(ref.shape),
-                    "data_offsets": [offset, offset + ref.nbytes],
-                },
-            )
-        )
+    for name, ref in ordered:
+        entry = {
+            "dtype": st_dtype(ref.dtype),
+            "shape": list(ref.shape),
+            "data_offsets": [offset, offset + ref.nbytes],
+        }
+        entries.append((name, entry))
         offset += ref.nbytes
-    return entries
-
-
-def _encode_header(entries: list[tuple[str, dict[str, Any]]], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {}
-    if metadata:
-        header[METADATA_KEY] = dict(metadata)
+    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
     header.update(entries)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    return struct.pack("<Q", len(raw)) + raw, entries
 
 
-def build_header(items: list[tuple[str, TensorRef]], metadata: dict[str, str]) -> bytes:
-    """The encoded header (length prefix included) for tensors written in ``items`` order."""
-    return _encode_header(_entries(items), metadata)
+def build_header(items: Sequence[tuple[str, TensorRef]], metadata: dict[str, str]) -> bytes:
+    """The encoded header for ``items`` written in the reference writer's order."""
+    return encode_header(layout(items), metadata)[0]
 
 
 def content_digest(entries: list[tuple[str, dict[str, Any]]], tensor_digests: list[bytes]) -> str:
@@ -272,150 +261,6 @@ def content_digest(entries: list[tuple[str, dict[str, Any]]], tensor_digests: li
     for digest in tensor_digests:
         h.update(digest)
     return h.hexdigest()
-
-
-# copy_file_range errors that mean "not here, copy in user space instead"; any other error
-# (ENOSPC, EIO, ...) is a real write failure and propagates.
-_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
-                   errno.EPERM, errno.ETXTBSY}  # fmt: skip
-
-
-def copy_span(span: ByteSpan, out) -> None:
-    """Append the bytes of ``span`` to the open binary file ``out``, kernel-side when possible."""
-    out.flush()
-    with open(span.path, "rb", buffering=0) as src:
-        offset, left = span.offset, span.length
-        dst_fd = out.fileno()
-        try:
-            while left:
-                n = os.copy_file_range(src.fileno(), dst_fd, min(left, 1 << 30), offset)
-                if n == 0:
-                    raise InputError(f"{span.path}: file ended early (truncated while reading?)")
-                offset += n
-                left -= n
-        except OSError as exc:
-            if exc.errno not in _NO_KERNEL_COPY:
-                raise
-            # Some filesystems refuse copy_file_range; fall back to a user-space copy of
-            # whatever is still left.
-            src.seek(offset)
-            while left:
-                chunk = src.read(min(left, 16 << 20))
-                if not chunk:
-                    raise InputError(f"{span.path}: file ended early") from None
-                out.write(chunk)
-                left -= len(chunk)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The row-major bytes of a CPU tensor, without a copy when it is contiguous."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-class _Digests:
-    """sha256 of each tensor as it is written, computed on helper threads so hashing
-    overlaps the copy (hashlib releases the GIL). Bytes copied file-to-file are hashed by
-    reading them back from the output, so the digest is of what was written."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        workers = max(1, min(2, os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ckptsurgeon-sha256")
-        self._futures: list[Future[bytes]] = []
-        self._local = threading.local()
-
-    def buffer(self, data: memoryview) -> Future[bytes]:
-        future = self._pool.submit(lambda: hashlib.sha256(data).digest())
-        self._futures.append(future)
-        return future
-
-    def written(self, offset: int, length: int) -> None:
-        self._futures.append(self._pool.submit(self._read_back, offset, length))
-
-    def _read_back(self, offset: int, length: int) -> bytes:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = bytearray(min(CHUNK, max(length, 1)))
-        elif len(buf) < min(CHUNK, length):
-            buf = self._local.buf = bytearray(min(CHUNK, length))
-        h = hashlib.sha256()
-        view = memoryview(buf)
-        end = offset + length
-        while offset < end:
-            got = os.preadv(self._fd, [view[: min(len(buf), end - offset)]], offset)
-            if got <= 0:
-                raise OSError(errno.EIO, "short read verifying the bytes just written")
-            h.update(view[:got])
-            offset += got
-        return h.digest()
-
-    def results(self) -> list[bytes]:
-        return [f.result() for f in self._futures]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _patch(out, header: bytes, key: str, value: str) -> None:
-    """Overwrite the zero placeholder of metadata ``key`` with ``value`` (same length)."""
-    needle = json.dumps({key: "0" * len(value)}, separators=(",", ":"))[1:-1].encode()
-    at = header.index(needle) + len(needle) - len(value) - 1
-    out.seek(at)
-    out.write(value.encode("ascii"))
-
-
-def write_safetensors(
-    path: str,
-    items: Iterable[tuple[str, TensorRef]],
-    metadata: dict[str, str],
-    on_bytes=None,
-    *,
-    sync: bool = True,
-) -> str:
-    """Stream ``items`` into a new safetensors file at ``path`` (header, then data).
-
-    Tensors whose bytes sit unchanged in another file are copied file-to-file; the rest are
-    materialised one at a time, so peak memory is one tensor, not the checkpoint.
-    ``on_bytes(n)`` is called after each tensor (progress reporting). Returns the file's
-    content digest, also recorded in its metadata with every tensor's digest.
-    """
-    ordered = _layout(list(items))
-    entries = _entries(ordered)
-    metadata = {
-        **{k: v for k, v in metadata.items() if k not in (DIGEST_KEY, TENSOR_DIGESTS_KEY)},
-        DIGEST_KEY: "0" * 64,
-        TENSOR_DIGESTS_KEY: "0" * (64 * len(ordered)),
-    }
-    header = _encode_header(entries, metadata)
-    with open(path, "w+b") as out:
-        digests = _Digests(out.fileno())
-        try:
-            out.write(header)
-            for (_name, ref), (_, entry) in zip(ordered, entries, strict=True):
-                if ref.span is not None and ref.span.length == ref.nbytes:
-                    copy_span(ref.span, out)
-                    out.flush()
-                    digests.written(len(header) + entry["data_offsets"][0], ref.nbytes)
-                else:
-                    data = tensor_bytes(ref.load())
-                    hashed = digests.buffer(data)
-                    out.write(data)
-                    hashed.result()  # one tensor in memory at a time
-                    del data
-                if on_bytes:
-                    on_bytes(ref.nbytes)
-            out.flush()
-            tensor_digests = digests.results()
-        finally:
-            digests.close()
-        digest = content_digest(entries, tensor_digests)
-        _patch(out, header, DIGEST_KEY, digest)
-        _patch(out, header, TENSOR_DIGESTS_KEY, "".join(d.hex() for d in tensor_digests))
-        out.flush()
-        if sync:
-            os.fsync(out.fileno())
-    return digest
 
 
 @dataclass(frozen=True)

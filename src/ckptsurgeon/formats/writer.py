@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 
 from ckptsurgeon.errors import OutputError, UsageError
-from ckptsurgeon.formats import safetensors_io
+from ckptsurgeon.formats import safetensors_io, streaming
 from ckptsurgeon.formats.table import Table, TensorRef
 
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -134,7 +134,7 @@ def write_checkpoint(
     try:
         with atomic_path(path, is_dir=kind == "folder", durable=durable) as tmp:
             if kind == "safetensors":
-                safetensors_io.write_safetensors(tmp, items, metadata, on_bytes, sync=durable)
+                streaming.write_safetensors(tmp, items, metadata, on_bytes, sync=durable)
                 files = [path]
             elif kind == "torch":
                 _write_torch(tmp, items, on_bytes, durable)
@@ -196,25 +196,24 @@ def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes, sync: boo
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     shards = plan_shards(items, limit) if limit else [items]
     if len(shards) == 1:
-        safetensors_io.write_safetensors(
+        streaming.write_safetensors(
             os.path.join(tmp, "model.safetensors"), items, metadata, on_bytes, sync=sync
         )
         return ["model.safetensors"]
-    weight_map: dict[str, str] = {}
-    names = []
-    digests: dict[str, str] = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        digests[name] = safetensors_io.write_safetensors(
-            os.path.join(tmp, name), shard, metadata, on_bytes, sync=sync
-        )
-        weight_map.update(dict.fromkeys((n for n, _ in shard), name))
-        names.append(name)
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    digests = streaming.write_safetensors_files(
+        [(os.path.join(tmp, name), shard) for name, shard in zip(names, shards, strict=True)],
+        metadata,
+        on_bytes,
+        sync=sync,
+    )
+    weight_map = {n: name for name, shard in zip(names, shards, strict=True) for n, _ in shard}
     index = {
         "metadata": {
             "total_size": sum(ref.nbytes for _, ref in items),
             **metadata,
-            safetensors_io.DIGEST_KEY: digests,  # each shard's content digest (inspect --verify)
+            # each shard's content digest (inspect --verify)
+            safetensors_io.DIGEST_KEY: dict(zip(names, digests, strict=True)),
         },
         "weight_map": dict(sorted(weight_map.items())),
     }

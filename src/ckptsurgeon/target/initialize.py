@@ -10,6 +10,7 @@ which other keys are being reset.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -17,6 +18,10 @@ from torch import nn
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.table import TensorRef
 from ckptsurgeon.rules.ops import derive_seed
+
+# Modules initialise themselves from torch's global generator, and writers materialise
+# tensors on several threads: one module at a time, or the seeded values would interleave.
+_GLOBAL_RNG = threading.Lock()
 
 
 def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module, str]:
@@ -86,8 +91,9 @@ def from_model(model: nn.Module, names: list[str], seed: int) -> dict[str, Tenso
         cache: dict[str, torch.Tensor] = {}
 
         def values(mn: str = module_name, c: dict = cache) -> dict[str, torch.Tensor]:
-            if not c:
-                c.update(_materialise(model, mn, owners[mn], seed))
+            with _GLOBAL_RNG:
+                if not c:
+                    c.update(_materialise(model, mn, owners[mn], seed))
             return c
 
         for key in keys:
