@@ -30,10 +30,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 GiB = 1 << 30
 CLI = [sys.executable, "-m", "ckptsurgeon"]
+SETTLE_S = 1.0
 
 NAIVE = textwrap.dedent("""
     import sys, glob, os
@@ -87,17 +89,13 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return wall, rss_kib * 1024
 
 
-def median_run(cmd: list[str], cleanup: Path | None, repeat: int) -> tuple[float, int]:
-    walls, rss = [], 0
-    for _ in range(repeat):
-        if cleanup is not None and cleanup.exists():
-            shutil.rmtree(cleanup)
-        wall, peak = timed(cmd)
-        walls.append(wall)
-        rss = max(rss, peak)
-    if cleanup is not None and cleanup.exists():
-        shutil.rmtree(cleanup)
-    return statistics.median(walls), rss
+def settle(out: Path) -> None:
+    """Remove the last output and let the disk go quiet, so no run pays for the write-back
+    (and, on ``discard`` mounts, the trims) of the one before."""
+    if out.exists():
+        shutil.rmtree(out)
+    os.sync()
+    time.sleep(SETTLE_S)
 
 
 def rules_file(folder: Path, name: str, body: str, shard: int) -> Path:
@@ -107,6 +105,7 @@ def rules_file(folder: Path, name: str, body: str, shard: int) -> Path:
 
 
 def bench(size_gib: float, work: Path, repeat: int) -> dict[str, float]:
+    """Every contender once per round, rounds repeated, medians kept (drift hits all alike)."""
     src = work / f"src_{size_gib}g"
     shard = make_checkpoint(src, int(size_gib * GiB))
     out = work / "out"
@@ -114,97 +113,74 @@ def bench(size_gib: float, work: Path, repeat: int) -> dict[str, float]:
 
     tiny = work / "tiny.safetensors"
     if not tiny.exists():
-        subprocess.run(
-            [*CLI, "convert", str(src), str(work / "warm.safetensors")],
-            check=False,
-            capture_output=True,
-        )  # warms caches of the interpreter and the disk
-        tiny_rules = work / "tiny.yaml"
         import torch
         from safetensors.torch import save_file
 
         save_file({"a": torch.ones(4)}, tiny)
-        tiny_rules.write_text(
+        (work / "tiny.yaml").write_text(
             "version: 1\nrules:\n  - {op: rename, pattern: '^', replace: 'model.'}\n"
         )
     rename = rules_file(
         work, "rename", "  - {op: rename, pattern: '^', replace: 'model.'}\n", shard
     )
     cast = rules_file(work, "cast", "  - {op: cast, dtype: bfloat16}\n", shard)
+    report = work / "report.json"
 
-    subprocess.run(["cp", "-r", str(src), str(out)], check=True)  # warm the page cache
-    shutil.rmtree(out)
-    cp_wall, _ = median_run(["cp", "-r", str(src), str(out)], out, repeat)
-    start_wall, start_rss = median_run(
-        [
-            *CLI,
-            "apply",
-            str(work / "tiny.yaml"),
-            "--source",
-            str(tiny),
-            "--output",
-            str(work / "tiny_out.safetensors"),
-            "--quiet",
-        ],
-        None,
-        repeat,
-    )
+    def apply(rules: Path, *flags: str) -> list[str]:
+        return [*CLI, "apply", str(rules), "--source", str(src), "--output", str(out),
+                "--quiet", "--report", str(report), *flags]  # fmt: skip
 
-    def apply_run(rules: Path, *flags: str) -> tuple[float, int, float]:
-        """Median wall, peak RSS, and median in-process work time (plan + write)."""
-        report = work / "report.json"
-        cmd = [
-            *CLI,
-            "apply",
-            str(rules),
-            "--source",
-            str(src),
-            "--output",
-            str(out),
-            "--quiet",
-            "--report",
-            str(report),
-            *flags,
-        ]
-        walls, works, peak = [], [], 0
-        for _ in range(repeat):
-            if out.exists():
-                shutil.rmtree(out)
-            wall, rss = timed(cmd)
-            seconds = json.loads(report.read_text())["seconds"]
-            walls.append(wall)
-            works.append(seconds["plan"] + seconds["write"])
-            peak = max(peak, rss)
-        shutil.rmtree(out)
-        return statistics.median(walls), peak, statistics.median(works)
-
+    startup = [*CLI, "apply", str(work / "tiny.yaml"), "--source", str(tiny),
+               "--output", str(work / "tiny_out.safetensors"), "--quiet"]  # fmt: skip
     # Like cp -r, --no-fsync does not wait for the disk; the default (durable) is compared
     # with cp -r followed by sync.
-    ren_wall, ren_rss, ren_work = apply_run(rename, "--no-fsync")
-    cast_wall, cast_rss, cast_work = apply_run(cast, "--no-fsync")
-    dur_wall, _, dur_work = apply_run(rename)
-    sync_wall, _ = median_run(["sh", "-c", f"cp -r '{src}' '{out}' && sync"], out, repeat)
-    naive_wall, naive_rss = median_run(
-        [sys.executable, "-c", NAIVE, str(src), str(out), str(shard)], out, 1
-    )
+    contenders = {
+        "cp": ["cp", "-r", str(src), str(out)],
+        "startup": startup,
+        "rename": apply(rename, "--no-fsync"),
+        "cast": apply(cast, "--no-fsync"),
+        "durable": apply(rename),
+        "cp_sync": ["sh", "-c", f"cp -r '{src}' '{out}' && sync"],
+    }
+    subprocess.run(["cp", "-r", str(src), str(out)], check=True)  # warm the page cache
+    subprocess.run(startup, check=True)  # and the interpreter's files
+    walls: dict[str, list[float]] = {k: [] for k in contenders}
+    works: dict[str, list[float]] = {k: [] for k in contenders}
+    rss: dict[str, int] = dict.fromkeys(contenders, 0)
+    for _ in range(repeat):
+        for name, cmd in contenders.items():
+            settle(out)
+            wall, peak = timed(cmd)
+            walls[name].append(wall)
+            rss[name] = max(rss[name], peak)
+            if "--report" in cmd:
+                seconds = json.loads(report.read_text())["seconds"]
+                works[name].append(seconds["plan"] + seconds["write"])
+    settle(out)
+    naive_wall, naive_rss = timed([sys.executable, "-c", NAIVE, str(src), str(out), str(shard)])
+    settle(out)
     shutil.rmtree(src)
+    rounds = {k: [round(x, 2) for x in v] for k, v in walls.items()}
+    rounds.update({f"{k} work": [round(x, 2) for x in v] for k, v in works.items() if v})
+    print(f"{size_gib} GiB, seconds per round: {rounds}", flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
     return {
         "size_gib": size_gib,
         "bytes": data_bytes,
-        "cp_s": cp_wall,
-        "startup_s": start_wall,
-        "startup_rss": start_rss,
-        "rename_s": ren_wall,
-        "rename_rss": ren_rss,
-        "cast_s": cast_wall,
-        "cast_rss": cast_rss,
+        "cp_s": med["cp"],
+        "startup_s": med["startup"],
+        "startup_rss": rss["startup"],
+        "rename_s": med["rename"],
+        "rename_rss": rss["rename"],
+        "cast_s": med["cast"],
+        "cast_rss": rss["cast"],
         "naive_s": naive_wall,
         "naive_rss": naive_rss,
-        "rename_work": ren_work,
-        "cast_work": cast_work,
-        "durable_s": dur_wall,
-        "durable_work": dur_work,
-        "cp_sync_s": sync_wall,
+        "rename_work": statistics.median(works["rename"]),
+        "cast_work": statistics.median(works["cast"]),
+        "durable_s": med["durable"],
+        "durable_work": statistics.median(works["durable"]),
+        "cp_sync_s": med["cp_sync"],
     }
 
 

@@ -25,6 +25,15 @@ class ByteSpan:
 
 
 @dataclass(frozen=True)
+class CastSpan:
+    """A tensor stored as the bytes of ``span`` read as ``dtype``, to be converted element
+    by element: lets writers stream a cast in small pieces instead of materialising it."""
+
+    span: ByteSpan
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """A tensor that can be materialised on demand.
 
@@ -38,6 +47,7 @@ class TensorRef:
     span: ByteSpan | None = None
     sources: tuple[str, ...] = ()
     actions: tuple[str, ...] = ()
+    cast_from: CastSpan | None = None
 
     @property
     def numel(self) -> int:
@@ -77,14 +87,30 @@ class TensorRef:
         """
         meta = fn(torch.empty(self.shape, dtype=self.dtype, device="meta"))
         parent = self
+        same_bytes = keeps_bytes and meta.dtype == self.dtype
         return TensorRef(
             shape=tuple(meta.shape),
             dtype=meta.dtype,
             loader=lambda: fn(parent.load()).contiguous(),
-            span=self.span if keeps_bytes and meta.dtype == self.dtype else None,
+            span=self.span if same_bytes else None,
             sources=self.sources,
             actions=(*self.actions, action),
+            cast_from=self.cast_from if same_bytes else None,
         )
+
+    def cast(self, dtype: torch.dtype) -> TensorRef:
+        """This tensor converted to ``dtype`` as ``Tensor.to`` does (round to nearest even).
+
+        A cast of bytes that sit whole in a file records them as ``cast_from``, so writers
+        can convert piece by piece in constant memory.
+        """
+        action = f"cast to {dtype_name(dtype)}"
+        if dtype == self.dtype:
+            return self.with_action(action)
+        ref = self.derive(lambda t: t.to(dtype), action)
+        if self.span is not None and self.span.length == self.nbytes:
+            ref = replace(ref, cast_from=CastSpan(self.span, self.dtype))
+        return ref
 
 
 def combine(
@@ -148,9 +174,7 @@ def parse_dtype(name: str) -> torch.dtype:
 def cast_floating(table: Table, dtype: torch.dtype) -> Table:
     """Cast floating-point tensors to ``dtype``; integer and bool tensors stay as they are."""
     return {
-        name: ref.derive(lambda t: t.to(dtype), f"cast to {dtype_name(dtype)}")
-        if ref.dtype.is_floating_point and ref.dtype != dtype
-        else ref
+        name: ref.cast(dtype) if ref.dtype.is_floating_point and ref.dtype != dtype else ref
         for name, ref in table.items()
     }
 

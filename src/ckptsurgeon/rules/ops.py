@@ -253,10 +253,9 @@ class Cast(TensorOp):
         return bool(self.regex.search(name))
 
     def transform(self, name: str, ref: TensorRef, ctx: Context) -> TensorRef:
-        from ckptsurgeon.formats.table import dtype_name, parse_dtype
+        from ckptsurgeon.formats.table import parse_dtype
 
-        dtype = parse_dtype(self.dtype)
-        return ref.derive(lambda t: t.to(dtype), f"cast to {dtype_name(dtype)}")
+        return ref.cast(parse_dtype(self.dtype))
 
 
 @register
