@@ -7,6 +7,7 @@ what torch itself computes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,7 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckptsurgeon.errors import InputError
-from ckptsurgeon.formats import open_checkpoint, streaming, write_checkpoint
+from ckptsurgeon.formats import (
+    open_checkpoint,
+    prehash,
+    safetensors_header,
+    streaming,
+    write_checkpoint,
+)
 from ckptsurgeon.formats.integrity import verify_checkpoint
 
 PART_ELEMS = streaming.PART // 4
@@ -121,3 +128,89 @@ def test_memory_stays_flat_while_casting_a_large_file(tmp_path: Path) -> None:
         check=True,
     )
     assert int(proc.stdout) < 32, f"peak RSS grew by {proc.stdout.strip()} MiB"
+
+
+# --------------------------------------------------------------------------------------
+# digests hashed ahead of time (the CLI starts them before importing torch)
+
+
+def _stat_key(path: Path, offset: int, length: int):
+    return prehash.span_key(os.stat(path), offset, length)
+
+
+def test_prehashed_digests_are_the_bytes_sha256(source) -> None:
+    path, _ = source
+    digests = prehash.SourceDigests([str(path)])
+    header = safetensors_header.read_header(str(path))
+    keys = {
+        name: _stat_key(path, header.data_start + b, e - b)
+        for name, (b, e) in ((n, i["data_offsets"]) for n, i in header.tensors.items())
+    }
+    data = path.read_bytes()
+    for key in keys.values():
+        want = hashlib.sha256(data[key[4] : key[4] + key[5]]).digest()
+        assert digests.claim(key) in (want, None)  # None only if not reached yet
+    digests.stop()
+    assert digests.claim(_stat_key(path, 0, 8)) is None  # never a span it hashed
+
+
+def test_copies_take_prehashed_digests_instead_of_hashing(
+    source, tmp_path: Path, monkeypatch
+) -> None:
+    path, _ = source
+    digests = prehash.SourceDigests([str(path)])
+    digests.wait()
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(
+        streaming.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a), raising=True
+    )
+    out = tmp_path / "out.safetensors"
+    write_checkpoint(open_checkpoint(path).tensors, str(out), prehashed=digests)
+    monkeypatch.undo()
+    assert len(hashed) == 1  # the file's content digest only: no tensor hashed again
+    assert {v.status for v in verify_checkpoint(open_checkpoint(out))} == {"ok"}
+
+
+def test_a_file_changed_after_prehashing_is_hashed_again(source, tmp_path: Path) -> None:
+    """Digests are keyed by the file's identity: new bytes under the same name are hashed
+    by the writer, and the output's records match what it holds."""
+    path, tensors = source
+    copy = tmp_path / "changing.safetensors"
+    copy.write_bytes(path.read_bytes())
+    digests = prehash.SourceDigests([str(copy)])
+    digests.stop()
+    changed = {k: (v + 1 if v.is_floating_point() else v) for k, v in tensors.items()}
+    save_file(changed, copy)
+    os.utime(copy, ns=(1, 1))  # a different mtime even on coarse clocks
+    out = tmp_path / "out.safetensors"
+    write_checkpoint(open_checkpoint(copy).tensors, str(out), prehashed=digests)
+    assert {v.status for v in verify_checkpoint(open_checkpoint(out))} == {"ok"}
+    assert torch.equal(load_file(out)["big"], changed["big"])
+
+
+def test_cli_apply_with_prehashed_source_writes_verified_shards(tmp_path: Path, run_cli) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    table = {f"layer{i}.weight": torch.full((256, 256), float(i)) for i in range(12)}
+    (tmp_path / "src").mkdir()
+    save_torch_state_dict(table, tmp_path / "src", max_shard_size=1_000_000)
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 2
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nsource: src\noutput: {path: out, max_shard_size: 600000}\n"
+        "rules:\n  - {op: rename, pattern: '^', replace: 'model.'}\n"
+    )
+    proc = run_cli("apply", rules, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    ckpt = open_checkpoint(tmp_path / "out")
+    assert {v.status for v in verify_checkpoint(ckpt)} == {"ok"}
+    assert all(torch.equal(ckpt.tensors["model." + k].load(), v) for k, v in table.items())
+
+
+def test_prehash_does_not_import_torch() -> None:
+    code = (
+        "import sys\nfrom ckptsurgeon.formats import prehash\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

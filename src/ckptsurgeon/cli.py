@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ckptsurgeon.errors import CkptSurgeonError
+
+if TYPE_CHECKING:
+    from ckptsurgeon.formats.prehash import SourceDigests
 
 _DEBUG = False
 
@@ -207,7 +211,9 @@ def apply(
     no_fsync: bool,
 ) -> None:
     """Load, rewrite by the rules, check against the target, write."""
-    import os
+    # First, before torch is imported: the source's tensors start hashing on the core the
+    # import leaves idle (see ckptsurgeon.formats.prehash).
+    prehashed = None if dry_run else _prehash_source(rules_file, source)
 
     from ckptsurgeon.engine.apply import apply_file
     from ckptsurgeon.engine.plan import PlanFailed
@@ -226,10 +232,14 @@ def apply(
                 finetune=False,
                 report_path=report_path,
                 durable=not no_fsync,
+                prehashed=prehashed,
             )
     except PlanFailed as exc:
         _emit_report(exc.report, as_json, report_path, show=as_json)
         raise
+    finally:
+        if prehashed is not None:
+            prehashed.stop()
     if not as_json and not quiet:
         plan_report.render(report, _console())
     rules = load_rules(rules_file)
@@ -243,6 +253,23 @@ def apply(
             log=_log_for(as_json),
         )
     _emit_report(report, as_json, report_path, show=as_json)
+
+
+def _prehash_source(rules_file: str, source: str | None) -> SourceDigests | None:
+    """Start hashing the source's tensors if it is safetensors; None if there is nothing
+    to start (a bad rules file is left for ``apply_file`` to report)."""
+    from ckptsurgeon.formats.prehash import SourceDigests
+    from ckptsurgeon.rules.document import load_rules, resolve
+
+    if source is None:
+        try:
+            spec = load_rules(rules_file).source_spec
+        except CkptSurgeonError:
+            return None
+        if spec is None:
+            return None
+        source = resolve(spec.path, os.path.dirname(os.path.abspath(rules_file)))
+    return SourceDigests.start(source)
 
 
 def _log_for(as_json: bool) -> Callable[[str], None]:
@@ -317,8 +344,6 @@ def diff(
     Exit 0 when A and B are the same (with --suggest: when the printed rules make A load
     strictly into B), 1 when not, as Unix diff does.
     """
-    import os
-
     from ckptsurgeon.errors import InputError, UsageError
     from ckptsurgeon.formats import open_checkpoint
     from ckptsurgeon.rules.config import SourceSpec
@@ -385,8 +410,6 @@ def schema() -> None:
 @handle_errors
 def finetune(config: str, resume: bool, weights: str | None, as_json: bool) -> None:
     """Run a file's finetune: section alone (torchrun-compatible)."""
-    import os
-
     from ckptsurgeon.finetune import finetune_from_rules
     from ckptsurgeon.rules.document import load_rules
 

@@ -9,6 +9,7 @@ from typing import Any
 from ckptsurgeon.api import provenance
 from ckptsurgeon.engine.plan import PlanFailed, make_plan
 from ckptsurgeon.errors import UsageError
+from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.writer import (
     Progress,
     check_output,
@@ -30,13 +31,14 @@ def apply_rules(
     durable: bool = True,
     log=print,
     report_path: str | None = None,
+    prehashed: SourceDigests | None = None,
 ) -> dict[str, Any]:
     """Plan, check and (unless ``dry_run``) write, then run the ``finetune:`` section if the
     file has one and ``finetune`` is true; returns the report.
 
     Raises PlanFailed (exit 1) when the result does not fit the target; nothing is written.
     ``report_path`` (where the caller will write the report) is refused, like the output,
-    when it would overwrite an input.
+    when it would overwrite an input. ``prehashed``: see :func:`write_checkpoint`.
     """
     started = time.perf_counter()
     plan = make_plan(rules, base_dir, source=source, output=output)
@@ -66,6 +68,7 @@ def apply_rules(
         metadata=provenance(plan.source.path),
         progress=progress,
         durable=spec.fsync and durable,
+        prehashed=prehashed,
     )
     report["written"] = {
         "path": result.path,
@@ -103,6 +106,7 @@ def apply_file(
     durable: bool = True,
     log=print,
     report_path: str | None = None,
+    prehashed: SourceDigests | None = None,
 ) -> dict[str, Any]:
     """``ckptsurgeon apply RULES.yaml``: paths in the file resolve against its folder."""
     rules_path = os.fspath(rules_path)
@@ -121,4 +125,5 @@ def apply_file(
         durable=durable,
         log=log,
         report_path=report_path,
+        prehashed=prehashed,
     )

@@ -7,7 +7,6 @@ Nothing is written unless the whole plan is valid.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from ckptsurgeon.errors import FitError, UsageError
 from ckptsurgeon.formats.reader import Checkpoint, open_checkpoint
 from ckptsurgeon.formats.table import Table, cast_floating, dtype_name, parse_dtype
-from ckptsurgeon.rules.document import RulesFile
+from ckptsurgeon.rules.document import RulesFile, resolve
 from ckptsurgeon.rules.ops import Context
 from ckptsurgeon.target.check import CheckResult, check_table
 from ckptsurgeon.target.spec import TargetInfo, resolve_target
@@ -70,12 +69,6 @@ class Plan:
             "total_bytes": sum(r.nbytes for r in self.table.values()),
             "check": self.check.to_dict() if self.check else None,
         }
-
-
-def resolve(path: str, base_dir: str) -> str:
-    """A rules-file path, relative to the rules file's folder."""
-    path = os.path.expanduser(path)
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
 
 
 def run_rules(

@@ -16,8 +16,8 @@ def finetune_from_rules(
     ``weights`` defaults to ``finetune.weights``, then to the rules file's output.
     """
     from ckptsurgeon.api import load_into
-    from ckptsurgeon.engine.plan import resolve
     from ckptsurgeon.finetune.runner import run_finetune
+    from ckptsurgeon.rules.document import resolve
     from ckptsurgeon.target.spec import build_model
 
     spec = rules.finetune

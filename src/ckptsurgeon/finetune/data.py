@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from torch.utils.data import Dataset
 
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.finetune.config import DataSpec, FactoryData, ImageFolderData, TensorData
+from ckptsurgeon.rules.document import resolve
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -30,14 +30,10 @@ class TensorFileDataset(Dataset):
         return self.inputs[i], self.target[i]
 
 
-def _resolve(path: str, base_dir: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(base_dir, path)
-
-
 def load_tensor_data(spec: TensorData, base_dir: str) -> TensorFileDataset:
     from ckptsurgeon.api import load
 
-    tensors = load(_resolve(spec.tensors, base_dir))
+    tensors = load(resolve(spec.tensors, base_dir))
     names = spec.inputs.values() if isinstance(spec.inputs, dict) else [spec.inputs]
     absent = [n for n in [*names, spec.target] if n not in tensors]
     if absent:
@@ -71,7 +67,7 @@ def build_dataset(spec: DataSpec, base_dir: str) -> Dataset:
             transforms.ToTensor(),
             transforms.Normalize(spec.mean, spec.std),
         ])  # fmt: skip
-        return datasets.ImageFolder(_resolve(spec.image_folder, base_dir), transform=transform)
+        return datasets.ImageFolder(resolve(spec.image_folder, base_dir), transform=transform)
     assert isinstance(spec, FactoryData)
     from ckptsurgeon.target.spec import load_callable
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,24 +22,21 @@ from typing import Any
 import torch
 
 from ckptsurgeon.errors import InputError
+from ckptsurgeon.formats.safetensors_header import (  # noqa: F401 (re-exported)
+    DTYPE_BITS,
+    MAX_HEADER_BYTES,
+    METADATA_KEY,
+    Header,
+    read_header,
+)
 from ckptsurgeon.formats.table import ByteSpan, Table, TensorRef
 
-MAX_HEADER_BYTES = 100_000_000
-METADATA_KEY = "__metadata__"
 # Integrity records (metadata values are strings): the file's content digest, and the
 # per-tensor sha256 digests concatenated in data order (64 hex characters per tensor).
 DIGEST_KEY = "ckptsurgeon.sha256"
 TENSOR_DIGESTS_KEY = "ckptsurgeon.tensor_sha256"
 _DIGEST_DOMAIN = b"ckptsurgeon.sha256/v1\n"
 CHUNK = 16 << 20
-
-# safetensors dtype name -> bits per element (the reference reader's table).
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
-    "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}  # fmt: skip
 
 _TORCH_DTYPES: dict[str, str] = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2",
@@ -67,110 +62,6 @@ def st_dtype(dtype: torch.dtype) -> str:
         if value == name:
             return key
     raise InputError(f"dtype {name} cannot be stored in safetensors")
-
-
-@dataclass(frozen=True)
-class Header:
-    """A validated safetensors header."""
-
-    tensors: dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "data_offsets"}
-    metadata: dict[str, str]
-    data_start: int  # absolute offset of the byte buffer
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise InputError(f"duplicate key {key!r} in the header")
-        out[key] = value
-    return out
-
-
-def _is_uint(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def read_header(path: str) -> Header:
-    """Parse and validate the header of the safetensors file at ``path``.
-
-    Raises InputError naming the file and the first rule the header breaks.
-    """
-    try:
-        return _read_header(path)
-    except InputError as exc:
-        raise InputError(f"{path}: not a valid safetensors file: {exc}") from None
-
-
-def _read_header(path: str) -> Header:
-    file_size = os.path.getsize(path)
-    if file_size < 8:
-        raise InputError(f"{file_size} bytes, too short for the 8-byte header length")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES:
-            raise InputError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap")
-        if 8 + n > file_size:
-            raise InputError(f"header length {n} runs past the end of the file ({file_size} bytes)")
-        raw = f.read(n)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError("header is not UTF-8") from None
-    try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"header is not JSON ({exc.msg} at char {exc.pos})") from None
-    except (ValueError, RecursionError) as exc:  # absurd nesting or numbers
-        raise InputError(f"header is not acceptable JSON ({type(exc).__name__})") from None
-    if not isinstance(obj, dict):
-        raise InputError("header is not a JSON object")
-
-    metadata = obj.pop(METADATA_KEY, {})
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise InputError("__metadata__ must map strings to strings")
-
-    spans = []
-    for name, info in obj.items():
-        _check_entry(name, info)
-        spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
-    spans.sort()
-    expected = 0
-    for begin, end, name in spans:
-        if begin != expected:
-            kind = "gap" if begin > expected else "overlap"
-            raise InputError(f"tensor {name!r}: data offsets leave a {kind} at byte {expected}")
-        expected = end
-    if 8 + n + expected != file_size:
-        raise InputError(
-            f"data covers {expected} bytes but the file holds {file_size - 8 - n} after the header"
-        )
-    return Header(tensors=obj, metadata=metadata, data_start=8 + n)
-
-
-def _check_entry(name: str, info: Any) -> None:
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise InputError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise InputError(f"tensor {name!r}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise InputError(f"tensor {name!r}: shape must be a list of non-negative integers")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_uint(o) for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
-        raise InputError(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
-    bits = math.prod(shape) * DTYPE_BITS[dtype]
-    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
-        raise InputError(
-            f"tensor {name!r}: shape {shape} x {dtype} is {bits / 8:g} bytes "
-            f"but data_offsets cover {offsets[1] - offsets[0]}"
-        )
 
 
 def read_span(span: ByteSpan) -> bytearray:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ckptsurgeon.errors import InputError
+from ckptsurgeon.formats.prehash import SourceDigests, span_key
 from ckptsurgeon.formats.safetensors_io import (
     DIGEST_KEY,
     TENSOR_DIGESTS_KEY,
@@ -59,12 +60,15 @@ def write_safetensors(
     on_bytes: Callable[[int], None] | None = None,
     *,
     sync: bool = True,
+    prehashed: SourceDigests | None = None,
 ) -> str:
     """Stream ``items`` into a new safetensors file at ``path``; returns its content digest.
 
     See :func:`write_safetensors_files`.
     """
-    return write_safetensors_files([(path, items)], metadata, on_bytes, sync=sync)[0]
+    return write_safetensors_files(
+        [(path, items)], metadata, on_bytes, sync=sync, prehashed=prehashed
+    )[0]
 
 
 def write_safetensors_files(
@@ -73,6 +77,7 @@ def write_safetensors_files(
     on_bytes: Callable[[int], None] | None = None,
     *,
     sync: bool = True,
+    prehashed: SourceDigests | None = None,
 ) -> list[str]:
     """Write each ``(path, items)`` as a new safetensors file, all through one worker pool.
 
@@ -80,9 +85,13 @@ def write_safetensors_files(
     Every file records its content digest and each tensor's sha256 in its metadata (see
     :func:`~ckptsurgeon.formats.safetensors_io.content_digest`). ``on_bytes(n)`` is called
     after each tensor, in order (progress). With ``sync`` each file is fsynced before it is
-    closed. Returns the files' content digests, in order. On any error the jobs still
-    queued are cancelled and the error propagates; the caller removes the partial files.
+    closed. ``prehashed`` supplies sha256 digests of source tensors hashed ahead of time, so
+    copies need not hash them again. Returns the files' content digests, in order. On any
+    error the jobs still queued are cancelled and the error propagates; the caller removes
+    the partial files.
     """
+    if prehashed is not None:
+        prehashed.keep_only(_copied_spans(files))
     opened: list[_OutFile] = []
     in_flight: deque[tuple[Future[bytes], _OutFile, int, int]] = deque()
     held = 0  # bytes of materialised tensors in flight
@@ -107,7 +116,7 @@ def write_safetensors_files(
             ):
                 finish_oldest()
             if ref.span is not None:
-                future = pool.submit(_copy_and_hash, ref.span, out.fd, offset)
+                future = pool.submit(_copy_and_hash, ref.span, out.fd, offset, prehashed)
             elif ref.cast_from is not None:
                 future = pool.submit(_cast_and_hash, ref.cast_from, ref.dtype, out.fd, offset)
             else:
@@ -152,6 +161,19 @@ def _interleaved(
         if job is not None:
             yield out, *job
             turns.append((out, jobs))
+
+
+def _copied_spans(files: Sequence[tuple[str, Items]]) -> list:
+    """The keys of every span the write will copy (for :meth:`SourceDigests.keep_only`)."""
+    stats: dict[str, os.stat_result] = {}
+    keys = []
+    for _, items in files:
+        for _, ref in items:
+            if ref.span is not None:
+                path = ref.span.path
+                stat = stats[path] = stats.get(path) or os.stat(path)
+                keys.append(span_key(stat, ref.span.offset, ref.span.length))
+    return keys
 
 
 def _streamable(ref: TensorRef) -> bool:
@@ -229,16 +251,23 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _copy_and_hash(span: ByteSpan, fd: int, offset: int) -> bytes:
-    """Copy ``span`` to ``offset`` in ``fd``; the sha256 of the bytes copied."""
+def _copy_and_hash(
+    span: ByteSpan, fd: int, offset: int, prehashed: SourceDigests | None = None
+) -> bytes:
+    """Copy ``span`` to ``offset`` in ``fd``; the sha256 of the bytes copied (hashed here
+    unless ``prehashed`` already holds it for this very file)."""
     buf = _buffers().source
-    h = hashlib.sha256()
     with open(span.path, "rb", buffering=0) as src:
+        known = None
+        if prehashed is not None:
+            known = prehashed.claim(span_key(os.fstat(src.fileno()), span.offset, span.length))
+        h = hashlib.sha256() if known is None else None
         for at in range(0, span.length, PART):
             part = _read_exactly(src, span, at, buf[: min(PART, span.length - at)])
-            h.update(part)
+            if h is not None:
+                h.update(part)
             _pwrite_all(fd, part, offset + at)
-    return h.digest()
+    return known if h is None else h.digest()
 
 
 def _cast_and_hash(source: CastSpan, dtype: torch.dtype, fd: int, offset: int) -> bytes:

@@ -26,6 +26,7 @@ import torch
 
 from ckptsurgeon.errors import OutputError, UsageError
 from ckptsurgeon.formats import safetensors_io, streaming
+from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.table import Table, TensorRef
 
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -116,12 +117,14 @@ def write_checkpoint(
     metadata: dict[str, str] | None = None,
     progress: Progress | None = None,
     durable: bool = True,
+    prehashed: SourceDigests | None = None,
 ) -> WriteResult:
     """Write ``table`` to ``path`` atomically; the suffix picks the format (see output_kind).
 
     ``durable`` fsyncs files and folders before and after the rename, so the output survives
     a power cut too; without it the write is still atomic against crashes of this process
     (kill -9), and costs what ``cp -r`` costs instead of waiting for the disk.
+    ``prehashed``: digests of source tensors already computed (safetensors outputs).
     """
     kind = check_output(path, max_shard_size)
     metadata = {"format": "pt", **(metadata or {})}
@@ -134,13 +137,17 @@ def write_checkpoint(
     try:
         with atomic_path(path, is_dir=kind == "folder", durable=durable) as tmp:
             if kind == "safetensors":
-                streaming.write_safetensors(tmp, items, metadata, on_bytes, sync=durable)
+                streaming.write_safetensors(
+                    tmp, items, metadata, on_bytes, sync=durable, prehashed=prehashed
+                )
                 files = [path]
             elif kind == "torch":
                 _write_torch(tmp, items, on_bytes, durable)
                 files = [path]
             else:
-                names = _write_folder(tmp, items, max_shard_size, metadata, on_bytes, durable)
+                names = _write_folder(
+                    tmp, items, max_shard_size, metadata, on_bytes, durable, prehashed
+                )
                 files = [os.path.join(path, n) for n in names]
     except OSError as exc:
         raise OutputError(
@@ -192,12 +199,19 @@ class _RecordingWriter:
         self._f.flush()
 
 
-def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes, sync: bool) -> list[str]:
+def _write_folder(
+    tmp: str, items, max_shard_size, metadata, on_bytes, sync: bool, prehashed
+) -> list[str]:
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     shards = plan_shards(items, limit) if limit else [items]
     if len(shards) == 1:
         streaming.write_safetensors(
-            os.path.join(tmp, "model.safetensors"), items, metadata, on_bytes, sync=sync
+            os.path.join(tmp, "model.safetensors"),
+            items,
+            metadata,
+            on_bytes,
+            sync=sync,
+            prehashed=prehashed,
         )
         return ["model.safetensors"]
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
@@ -206,6 +220,7 @@ def _write_folder(tmp: str, items, max_shard_size, metadata, on_bytes, sync: boo
         metadata,
         on_bytes,
         sync=sync,
+        prehashed=prehashed,
     )
     weight_map = {n: name for name, shard in zip(names, shards, strict=True) for n, _ in shard}
     index = {
