@@ -1,7 +1,10 @@
 """Streaming surgery benchmark: apply vs `cp -r` vs the naive load-all/save-all recipe.
 
 Generates Hugging Face-layout sharded safetensors checkpoints (1 GiB and 4 GiB by default,
-5 shards each), then measures side by side, in one run, on a warm page cache:
+5 shards each), then measures side by side, in one run, on a warm page cache (emptied of
+everything else first, when run as root; see ``drop_caches``). Each round runs every
+contender once, after the previous output is removed and the disk has settled; the tables
+give the median of the rounds:
 
 * ``cp -r`` of the folder (the floor: what copying the bytes costs);
 * CLI start-up: ``ckptsurgeon apply`` on a tiny checkpoint (imports, model-free plan);
@@ -98,6 +101,22 @@ def settle(out: Path) -> None:
     time.sleep(SETTLE_S)
 
 
+def drop_caches() -> bool:
+    """Empty the page cache (root only), so each size starts from the same memory state.
+
+    With the cache full of other files, every page written must first be reclaimed, and
+    kswapd then competes for the cores: a two-thread writer suffers more than one-thread
+    ``cp`` (measured here: rename/cp ~1.9x with 1.4 GiB free, ~1.0x with the cache empty).
+    """
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def rules_file(folder: Path, name: str, body: str, shard: int) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(f"version: 1\noutput: {{max_shard_size: {shard}}}\nrules:\n{body}")
@@ -106,6 +125,8 @@ def rules_file(folder: Path, name: str, body: str, shard: int) -> Path:
 
 def bench(size_gib: float, work: Path, repeat: int) -> dict[str, float]:
     """Every contender once per round, rounds repeated, medians kept (drift hits all alike)."""
+    dropped = drop_caches()
+    print(f"{size_gib} GiB: page cache {'emptied' if dropped else 'left as it is (not root)'}")
     src = work / f"src_{size_gib}g"
     shard = make_checkpoint(src, int(size_gib * GiB))
     out = work / "out"
@@ -276,8 +297,9 @@ def check_7b(work: Path) -> tuple[float, int]:
 def report(rows: list[dict[str, float]]) -> bool:
     mib = 1 << 20
     ok = True
-    print("Work time = plan + write as `apply --report` records it (no start-up, no imports);")
-    print("wall - start-up is the issue's definition, noisier since start-up itself varies.\n")
+    print("Work time = plan + write as `apply --report` records it (no start-up, no imports).")
+    print("Targets are judged on wall - start-up (the issue's definition): `apply` hashes the")
+    print("source's tensors while torch imports, which work time alone would leave out.\n")
     print(
         "| checkpoint | cp -r | rename --no-fsync: work / wall | cast bf16 --no-fsync: work / wall "
         "| naive load+save | rename / cp (work; wall - start-up) | cast / cp (work; wall - start-up) "
@@ -296,7 +318,9 @@ def report(rows: list[dict[str, float]]) -> bool:
             f"| {ren:.2f}x; {ren_w:.2f}x | {cast:.2f}x; {cast_w:.2f}x "
             f"| {ren_rss:.0f} / {cast_rss:.0f} MiB | {r['naive_rss'] / mib:.0f} MiB |"
         )
-        ok &= ren <= 1.5 and cast <= 2.0 and max(ren_rss, cast_rss) <= 256
+        # Judged as the issue defines it: wall minus start-up. Work time alone would not
+        # count the source hashing `apply` does while torch imports.
+        ok &= ren_w <= 1.5 and cast_w <= 2.0 and max(ren_rss, cast_rss) <= 256
     print("\nDurable writes (the default: fsync before the rename) against `cp -r && sync`:\n")
     print("| checkpoint | cp -r && sync | rename (durable): work / wall | work / (cp -r && sync) |")
     print("|---|---|---|---|")
