@@ -7,7 +7,9 @@ what torch itself computes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from ckptsurgeon.formats import (
     write_checkpoint,
 )
 from ckptsurgeon.formats.integrity import verify_checkpoint
+from ckptsurgeon.formats.table import ByteSpan
 
 PART_ELEMS = streaming.PART // 4
 
@@ -170,6 +173,61 @@ def test_copies_take_prehashed_digests_instead_of_hashing(
     monkeypatch.undo()
     assert len(hashed) == 1  # the file's content digest only: no tensor hashed again
     assert {v.status for v in verify_checkpoint(open_checkpoint(out))} == {"ok"}
+
+
+def test_prehashed_copies_are_kernel_copies_at_source_page_offsets(
+    source, tmp_path: Path, monkeypatch
+) -> None:
+    """The header is padded so copied bytes keep their offset modulo the page size (the
+    kernel's copy runs at full speed only then); the padding is valid safetensors."""
+    path, tensors = source
+    digests = prehash.SourceDigests([str(path)])
+    digests.wait()
+    calls: list[tuple[int, int]] = []
+    real = os.copy_file_range
+
+    def spy(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        calls.append((offset_src, offset_dst))
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(streaming.os, "copy_file_range", spy)
+    table = {"renamed." + k: ref for k, ref in open_checkpoint(path).tensors.items()}
+    out = tmp_path / "out.safetensors"
+    write_checkpoint(table, str(out), prehashed=digests)
+    monkeypatch.undo()
+    assert len(calls) >= len(tensors) - 1  # every non-empty tensor
+    assert all((s - d) % mmap.PAGESIZE == 0 for s, d in calls)
+    starts = [safetensors_header.read_header(str(p)).data_start for p in (path, out)]
+    assert starts[1] % 8 == 0 and (starts[1] - starts[0]) % mmap.PAGESIZE == 0
+    got = load_file(out)  # the reference reader accepts the padded header
+    assert all(torch.equal(got["renamed." + k], v) for k, v in tensors.items())
+    assert {v.status for v in verify_checkpoint(open_checkpoint(out))} == {"ok"}
+
+
+def test_copies_fall_back_when_the_kernel_cannot_copy(source, tmp_path: Path, monkeypatch) -> None:
+    path, tensors = source
+    digests = prehash.SourceDigests([str(path)])
+    digests.wait()
+
+    def refuse(*_: int) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(streaming.os, "copy_file_range", refuse)
+    out = tmp_path / "out.safetensors"
+    write_checkpoint(open_checkpoint(path).tensors, str(out), prehashed=digests)
+    monkeypatch.undo()
+    got = load_file(out)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert {v.status for v in verify_checkpoint(open_checkpoint(out))} == {"ok"}
+
+
+def test_a_kernel_copy_past_the_end_of_the_source_is_an_input_error(source, tmp_path: Path) -> None:
+    path, _ = source
+    size = os.path.getsize(path)
+    with open(path, "rb") as src, open(tmp_path / "out", "wb") as out:
+        span = ByteSpan(str(path), size - 10, 20)
+        with pytest.raises(InputError, match="file ended early"):
+            streaming._kernel_copy(src.fileno(), span, out.fileno(), 0)
 
 
 def test_a_file_changed_after_prehashing_is_hashed_again(source, tmp_path: Path) -> None:

@@ -132,6 +132,14 @@ def encode_header(
     return struct.pack("<Q", len(raw)) + raw, entries
 
 
+def pad_header(header: bytes, spaces: int) -> bytes:
+    """``header`` (as :func:`encode_header` returns it) with ``spaces`` more trailing spaces,
+    which the format allows: moves the start of the data that many bytes on."""
+    if not spaces:
+        return header
+    return struct.pack("<Q", len(header) - 8 + spaces) + header[8:] + b" " * spaces
+
+
 def build_header(items: Sequence[tuple[str, TensorRef]], metadata: dict[str, str]) -> bytes:
     """The encoded header for ``items`` written in the reference writer's order."""
     return encode_header(layout(items), metadata)[0]

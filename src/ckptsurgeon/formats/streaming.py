@@ -4,13 +4,15 @@ Each output file is laid out before any data is written (its header, with zero-f
 placeholders for the digests, and every tensor's offset), so its tensors become independent
 jobs that worker threads run in any order:
 
-* a tensor whose bytes sit unchanged in a source file is read, hashed and written a
-  megabyte at a time through one reused buffer per worker, each part written while it is
-  still in the CPU cache from hashing it. (Measured here, this beats hashing beside
-  ``copy_file_range``: that kernel copy slows by half when source and output offsets differ
-  modulo the page size, as they do between safetensors files whose headers differ in
-  length; and mapping the source instead saves nothing while a file truncated under us
-  would kill the process with SIGBUS instead of raising.)
+* a tensor whose bytes sit unchanged in a source file is copied. If its digest is known
+  already (:mod:`~ckptsurgeon.formats.prehash` hashed it while the CLI started up), the kernel
+  copies it with ``copy_file_range``, as ``cp`` does: one pass over the bytes, none of them
+  through this process. That copy slows by half when source and output offsets differ modulo
+  the page size (measured here), so each output header gets the few trailing spaces that line
+  most copied bytes up with their source pages. Otherwise the tensor is read, hashed and
+  written a megabyte at a time through one reused buffer per worker, each part written while
+  still in the CPU cache from hashing it. (Mapping the source instead saves nothing, while a
+  file truncated under us would kill the process with SIGBUS instead of raising.)
 * any other tensor is materialised, hashed and written at its offset with ``pwrite``.
 
 The calling thread submits jobs in data order across all files, keeps a few in flight and
@@ -23,11 +25,13 @@ hashing costs more CPU than copying here, and this is what keeps a rename near `
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,10 +47,12 @@ from ckptsurgeon.formats.safetensors_io import (
     content_digest,
     encode_header,
     layout,
+    pad_header,
 )
 from ckptsurgeon.formats.table import ByteSpan, CastSpan, TensorRef
 
 PART = 1 << 20  # bytes read, hashed and written at a time: stays in the CPU cache
+KERNEL_COPY = 64 << 20  # bytes per copy_file_range call
 MATERIALISED_BUDGET = 64 << 20
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 
@@ -202,6 +208,7 @@ class _OutFile:
             TENSOR_DIGESTS_KEY: "0" * (64 * len(ordered)),
         }
         header, entries = encode_header(ordered, metadata)
+        header = pad_header(header, _aligning_spaces(len(header), ordered, entries))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
             # Full size first: jobs finish out of order, and empty tensors at the end write
@@ -251,23 +258,69 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _aligning_spaces(data_start: int, ordered: Items, entries: list) -> int:
+    """How many spaces to add to a header ending at ``data_start`` so that the most bytes
+    copied from source files sit at the same offset modulo the page size as in their source
+    (a multiple of 8, keeping every tensor as aligned as the reference writer does)."""
+    copied: Counter[int] = Counter()
+    for (_, ref), (_, entry) in zip(ordered, entries, strict=True):
+        if ref.span is not None:
+            spaces = (ref.span.offset - data_start - entry["data_offsets"][0]) % mmap.PAGESIZE
+            if spaces % 8 == 0:
+                copied[spaces] += ref.span.length
+    return max(copied, key=copied.__getitem__) if copied else 0
+
+
 def _copy_and_hash(
     span: ByteSpan, fd: int, offset: int, prehashed: SourceDigests | None = None
 ) -> bytes:
     """Copy ``span`` to ``offset`` in ``fd``; the sha256 of the bytes copied (hashed here
     unless ``prehashed`` already holds it for this very file)."""
-    buf = _buffers().source
     with open(span.path, "rb", buffering=0) as src:
         known = None
         if prehashed is not None:
             known = prehashed.claim(span_key(os.fstat(src.fileno()), span.offset, span.length))
-        h = hashlib.sha256() if known is None else None
-        for at in range(0, span.length, PART):
-            part = _read_exactly(src, span, at, buf[: min(PART, span.length - at)])
-            if h is not None:
-                h.update(part)
-            _pwrite_all(fd, part, offset + at)
-    return known if h is None else h.digest()
+        if known is not None:
+            if not _kernel_copy(src.fileno(), span, fd, offset):
+                _copy_parts(src.fileno(), span, fd, offset, None)
+            return known
+        h = hashlib.sha256()
+        _copy_parts(src.fileno(), span, fd, offset, h)
+        return h.digest()
+
+
+def _kernel_copy(src: int, span: ByteSpan, fd: int, offset: int) -> bool:
+    """Copy ``span`` to ``offset`` in ``fd`` with ``copy_file_range``; False if the kernel
+    cannot copy between these two files (the caller copies some other way)."""
+    if not hasattr(os, "copy_file_range"):  # Linux only
+        return False
+    done = 0
+    while done < span.length:
+        try:
+            n = os.copy_file_range(
+                src, fd, min(KERNEL_COPY, span.length - done), span.offset + done, offset + done
+            )
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            return False
+        if n <= 0:
+            raise InputError(f"{span.path}: file ended early (truncated while reading?)")
+        done += n
+    return True
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _copy_parts(src: int, span: ByteSpan, fd: int, offset: int, h: Any | None) -> None:
+    """Copy ``span`` to ``offset`` in ``fd`` a part at a time, feeding each part to ``h``."""
+    buf = _buffers().source
+    for at in range(0, span.length, PART):
+        part = _read_exactly(src, span, at, buf[: min(PART, span.length - at)])
+        if h is not None:
+            h.update(part)
+        _pwrite_all(fd, part, offset + at)
 
 
 def _cast_and_hash(source: CastSpan, dtype: torch.dtype, fd: int, offset: int) -> bytes:
@@ -281,7 +334,9 @@ def _cast_and_hash(source: CastSpan, dtype: torch.dtype, fd: int, offset: int) -
     with open(span.path, "rb", buffering=0) as src:
         for first in range(0, total, per_part):
             count = min(per_part, total - first)
-            raw = _read_exactly(src, span, first * in_size, buffers.source[: count * in_size])
+            raw = _read_exactly(
+                src.fileno(), span, first * in_size, buffers.source[: count * in_size]
+            )
             converted = buffers.converted[: count * out_size]
             converted.view(dtype).copy_(torch.frombuffer(raw, dtype=source.dtype))
             part = memoryview(converted.numpy())
@@ -290,11 +345,11 @@ def _cast_and_hash(source: CastSpan, dtype: torch.dtype, fd: int, offset: int) -
     return h.digest()
 
 
-def _read_exactly(src, span: ByteSpan, at: int, into: memoryview) -> memoryview:
+def _read_exactly(src: int, span: ByteSpan, at: int, into: memoryview) -> memoryview:
     """Fill ``into`` with the bytes of ``span`` from ``at`` on; InputError if the file ends."""
     done = 0
     while done < len(into):
-        n = os.preadv(src.fileno(), [into[done:]], span.offset + at + done)
+        n = os.preadv(src, [into[done:]], span.offset + at + done)
         if n <= 0:
             raise InputError(f"{span.path}: file ended early (truncated while reading?)")
         done += n
