@@ -206,7 +206,8 @@ def bench(size_gib: float, work: Path, repeat: int) -> dict[str, float]:
 
 
 def verify(work: Path) -> None:
-    """Correctness, not speed: rename and cast outputs hold exactly the expected tensors."""
+    """Correctness, not speed: rename and cast outputs hold exactly the expected tensors,
+    and their recorded digests verify."""
     from safetensors import safe_open
 
     src = work / "verify_src"
@@ -228,6 +229,8 @@ def verify(work: Path) -> None:
             [*CLI, "apply", str(rules), "--source", str(src), "--output", str(out), "--quiet"],
             check=True,
         )
+        # The digests recorded (copies take those hashed during start-up) match the bytes.
+        subprocess.run([*CLI, "inspect", str(out), "--verify"], check=True, capture_output=True)
         got = {}
         for f in out.glob("*.safetensors"):
             with safe_open(f, framework="pt") as h:
