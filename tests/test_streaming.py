@@ -99,6 +99,50 @@ def test_many_shards_through_one_pool(source, tmp_path: Path) -> None:
         assert torch.equal(ref.load(), tensors[name.rsplit(".", 1)[0]]), name
 
 
+def _rules(rules: list[dict], table):
+    from ckptsurgeon.engine.plan import run_rules
+    from ckptsurgeon.rules.document import parse_rules
+
+    return run_rules(parse_rules({"rules": rules}), table, None)[0]
+
+
+def test_row_splits_and_truncations_keep_file_spans(source, tmp_path: Path) -> None:
+    """Parts that are one run of the parent's bytes (rows of a fused matrix, a vocabulary
+    cut short) are still copied, or cast, straight from the file; column parts are not."""
+    path, tensors = source
+    table = open_checkpoint(path).tensors
+    rows = [{"op": "split", "pattern": "^matrix$", "into": ["q", "kv"], "sizes": [100, 413]}]
+    cols = [
+        {"op": "split", "pattern": "^matrix$", "dim": 1, "into": ["a", "b"], "sizes": [31, 1000]}
+    ]
+    cut = [{"op": "resize", "pattern": "^big$", "dim": 0, "size": PART_ELEMS + 5}]
+    cast = [{"op": "cast", "dtype": "bfloat16", "pattern": "^matrix$"}]
+    plain = {k: v for k, v in _rules(rows + cut, table).items() if k in ("q", "kv", "big")}
+    columns = {k: v for k, v in _rules(cols, table).items() if k in ("a", "b")}
+    casted = {f"{k}.bf16": v for k, v in _rules(cast + rows, table).items() if k in ("q", "kv")}
+    span = table["matrix"].span
+    assert plain["kv"].span == ByteSpan(span.path, span.offset + 100 * 1031 * 4, 413 * 1031 * 4)
+    assert plain["big"].span.length == (PART_ELEMS + 5) * 4
+    assert all(ref.span is None and ref.cast_from is None for ref in columns.values())
+    assert casted["kv.bf16"].cast_from.span == plain["kv"].span
+    out = tmp_path / "parts.safetensors"
+    write_checkpoint({**plain, **columns, **casted}, str(out))
+    got = load_file(out)
+    matrix = tensors["matrix"]
+    want = {
+        "q": matrix[:100],
+        "kv": matrix[100:],
+        "big": tensors["big"][: PART_ELEMS + 5],
+        "a": matrix[:, :31],
+        "b": matrix[:, 31:],
+        "q.bf16": matrix[:100].bfloat16(),
+        "kv.bf16": matrix[100:].bfloat16(),
+    }
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert {v.status for v in verify_checkpoint(open_checkpoint(out))} == {"ok"}
+
+
 def test_a_source_truncated_under_the_writer_is_an_input_error(source, tmp_path: Path) -> None:
     path, _ = source
     copy = tmp_path / "victim.safetensors"

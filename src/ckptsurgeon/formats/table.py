@@ -98,6 +98,28 @@ class TensorRef:
             cast_from=self.cast_from if same_bytes else None,
         )
 
+    def narrow(self, dim: int, start: int, length: int, action: str) -> TensorRef:
+        """Elements ``start`` to ``start + length`` of dimension ``dim``, as ``Tensor.narrow``.
+
+        When that slice is one contiguous run of the parent's bytes (every dimension before
+        ``dim`` has size 1: a split of a fused qkv matrix by rows, a vocabulary cut short),
+        the part keeps the matching piece of the parent's file span, or of the bytes it is
+        cast from, so writers still copy or convert it straight from disk.
+        """
+        ref = self.derive(lambda t: t.narrow(dim, start, length), action)
+        dim %= len(self.shape)
+        if math.prod(self.shape[:dim]) != 1:
+            return ref
+        row = math.prod(self.shape[dim + 1 :])  # elements per index of ``dim``
+        if self.span is not None and self.span.length == self.nbytes:
+            size = dtype_itemsize(self.dtype)
+            ref = replace(ref, span=_sub_span(self.span, start * row * size, length * row * size))
+        if self.cast_from is not None:
+            size = dtype_itemsize(self.cast_from.dtype)
+            span = _sub_span(self.cast_from.span, start * row * size, length * row * size)
+            ref = replace(ref, cast_from=CastSpan(span, self.cast_from.dtype))
+        return ref
+
     def cast(self, dtype: torch.dtype) -> TensorRef:
         """This tensor converted to ``dtype`` as ``Tensor.to`` does (round to nearest even).
 
@@ -111,6 +133,11 @@ class TensorRef:
         if self.span is not None and self.span.length == self.nbytes:
             ref = replace(ref, cast_from=CastSpan(self.span, self.dtype))
         return ref
+
+
+def _sub_span(span: ByteSpan, offset: int, length: int) -> ByteSpan:
+    """The ``length`` bytes at ``offset`` within ``span``."""
+    return ByteSpan(span.path, span.offset + offset, length)
 
 
 def combine(

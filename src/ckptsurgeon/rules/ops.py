@@ -319,8 +319,10 @@ class Split(Op):
             matched += 1
             start = 0
             for template, size in zip(self.into, self._sizes(name, ref, ctx), strict=True):
-                part = ref.derive(
-                    lambda t, s=start, n=size: t.narrow(self.dim, s, n),
+                part = ref.narrow(
+                    self.dim,
+                    start,
+                    size,
                     f"split from {name} [{start}:{start + size}] on dim {self.dim}",
                 )
                 entries.append((_expand(match, template, ctx), part, name))
@@ -452,11 +454,12 @@ class Resize(TensorOp):
         old = ref.shape[dim]
         if size == old:
             return ref
+        action = f"resized dim {dim} {old}->{size} ({self.init})"
+        if size < old:
+            return ref.narrow(dim, 0, size, action)
         seed = derive_seed(ctx.seed, name)
 
         def resize(t: torch.Tensor) -> torch.Tensor:
-            if size < old:
-                return t.narrow(dim, 0, size)
             shape = list(t.shape)
             shape[dim] = size - old
             if t.device.type == "meta" or self.init == "zeros":
@@ -468,7 +471,7 @@ class Resize(TensorOp):
                 extra = (torch.randn(shape, generator=gen) * self.std).to(t.dtype)
             return torch.cat([t, extra], dim)
 
-        return ref.derive(resize, f"resized dim {dim} {old}->{size} ({self.init})")
+        return ref.derive(resize, action)
 
 
 @register
