@@ -293,23 +293,56 @@ def test_a_file_changed_after_prehashing_is_hashed_again(source, tmp_path: Path)
     assert torch.equal(load_file(out)["big"], changed["big"])
 
 
-def test_cli_apply_with_prehashed_source_writes_verified_shards(tmp_path: Path, run_cli) -> None:
+@pytest.mark.parametrize("command", ["apply", "convert"])
+def test_cli_hashes_a_safetensors_source_ahead(tmp_path: Path, monkeypatch, command: str) -> None:
+    """``apply`` and ``convert`` hash the source while starting up; copies take those
+    digests, and the sharded output verifies."""
+    from click.testing import CliRunner
     from huggingface_hub import save_torch_state_dict
+
+    from ckptsurgeon.cli import cli
 
     table = {f"layer{i}.weight": torch.full((256, 256), float(i)) for i in range(12)}
     (tmp_path / "src").mkdir()
     save_torch_state_dict(table, tmp_path / "src", max_shard_size=1_000_000)
     assert len(list((tmp_path / "src").glob("*.safetensors"))) > 2
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
-        "version: 1\nsource: src\noutput: {path: out, max_shard_size: 600000}\n"
-        "rules:\n  - {op: rename, pattern: '^', replace: 'model.'}\n"
-    )
-    proc = run_cli("apply", rules, "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    taken: list[bytes] = []
+    claim = prehash.SourceDigests.claim
+
+    def spy(self: prehash.SourceDigests, key: prehash.SpanKey) -> bytes | None:
+        digest = claim(self, key)
+        taken.extend([digest] if digest is not None else [])
+        return digest
+
+    monkeypatch.setattr(prehash.SourceDigests, "claim", spy)
+    monkeypatch.setattr(prehash.SourceDigests, "start", _started_and_finished)
+    if command == "apply":
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(
+            "version: 1\nsource: src\noutput: {path: out, max_shard_size: 600000}\n"
+            "rules:\n  - {op: rename, pattern: '^', replace: 'model.'}\n"
+        )
+        argv = ["apply", str(rules), "--quiet"]
+        prefix = "model."
+    else:
+        out = tmp_path / "out"
+        argv = ["convert", str(tmp_path / "src"), str(out), "--max-shard-size", "600000", "-q"]
+        prefix = ""
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 0, result.output
+    assert len(taken) == len(table)
     ckpt = open_checkpoint(tmp_path / "out")
     assert {v.status for v in verify_checkpoint(ckpt)} == {"ok"}
-    assert all(torch.equal(ckpt.tensors["model." + k].load(), v) for k, v in table.items())
+    assert all(torch.equal(ckpt.tensors[prefix + k].load(), v) for k, v in table.items())
+
+
+def _started_and_finished(source: str) -> prehash.SourceDigests | None:
+    """``SourceDigests.start`` that lets the thread finish, so the test is deterministic."""
+    files = prehash.safetensors_files(source)
+    digests = prehash.SourceDigests(files) if files else None
+    if digests is not None:
+        digests.wait()
+    return digests
 
 
 def test_prehash_does_not_import_torch() -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from ckptsurgeon._version import __version__
 from ckptsurgeon.errors import UsageError
+from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.reader import open_checkpoint
 from ckptsurgeon.formats.table import LazyStateDict, cast_floating, parse_dtype
 from ckptsurgeon.formats.writer import (
@@ -43,9 +44,11 @@ def convert(
     allow_globals: Iterable[str] = (),
     progress: Progress | None = None,
     durable: bool = True,
+    prehashed: SourceDigests | None = None,
 ) -> WriteResult:
     """Rewrite ``source`` into the format ``output``'s suffix names, optionally casting
-    floating tensors to ``dtype`` and sharding a folder output."""
+    floating tensors to ``dtype`` and sharding a folder output. ``prehashed``: see
+    :func:`~ckptsurgeon.formats.write_checkpoint`."""
     ckpt = open_checkpoint(source, key, allow_globals)
     refuse_overwriting_inputs(output, [source, *ckpt.files])
     table = ckpt.tensors
@@ -61,6 +64,7 @@ def convert(
         metadata=provenance(source),
         progress=progress,
         durable=durable,
+        prehashed=prehashed,
     )
 
 

@@ -6,12 +6,13 @@ Heavy imports (torch, the engine) happen inside each command so that ``--help``,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -169,21 +170,24 @@ def convert(
     allow_globals: tuple[str, ...],
 ) -> None:
     """Convert a checkpoint to another format with no rules."""
-    from ckptsurgeon.api import convert as convert_api
-    from ckptsurgeon.reporting.progress import ByteProgress
-    from ckptsurgeon.reporting.text import human_bytes
+    # With --dtype every floating tensor is converted, not copied: little to hash ahead.
+    with _hashing_ahead(None if dtype else source) as prehashed:
+        from ckptsurgeon.api import convert as convert_api
+        from ckptsurgeon.reporting.progress import ByteProgress
+        from ckptsurgeon.reporting.text import human_bytes
 
-    with ByteProgress("converting", quiet=quiet) as progress:
-        result = convert_api(
-            source,
-            output,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            key=key,
-            allow_globals=allow_globals,
-            progress=progress,
-            durable=not no_fsync,
-        )
+        with ByteProgress("converting", quiet=quiet) as progress:
+            result = convert_api(
+                source,
+                output,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                key=key,
+                allow_globals=allow_globals,
+                progress=progress,
+                durable=not no_fsync,
+                prehashed=prehashed,
+            )
 
     _stderr(f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})")
 
@@ -211,35 +215,29 @@ def apply(
     no_fsync: bool,
 ) -> None:
     """Load, rewrite by the rules, check against the target, write."""
-    # First, before torch is imported: the source's tensors start hashing on the core the
-    # import leaves idle (see ckptsurgeon.formats.prehash).
-    prehashed = None if dry_run else _prehash_source(rules_file, source)
+    with _hashing_ahead(None if dry_run else _source_of(rules_file, source)) as prehashed:
+        from ckptsurgeon.engine.apply import apply_file
+        from ckptsurgeon.engine.plan import PlanFailed
+        from ckptsurgeon.reporting import plan as plan_report
+        from ckptsurgeon.reporting.progress import ByteProgress
+        from ckptsurgeon.rules.document import load_rules
 
-    from ckptsurgeon.engine.apply import apply_file
-    from ckptsurgeon.engine.plan import PlanFailed
-    from ckptsurgeon.reporting import plan as plan_report
-    from ckptsurgeon.reporting.progress import ByteProgress
-    from ckptsurgeon.rules.document import load_rules
-
-    try:
-        with ByteProgress("writing", quiet=quiet) as progress:
-            report = apply_file(
-                rules_file,
-                source=source,
-                output=output,
-                dry_run=dry_run,
-                progress=progress,
-                finetune=False,
-                report_path=report_path,
-                durable=not no_fsync,
-                prehashed=prehashed,
-            )
-    except PlanFailed as exc:
-        _emit_report(exc.report, as_json, report_path, show=as_json)
-        raise
-    finally:
-        if prehashed is not None:
-            prehashed.stop()
+        try:
+            with ByteProgress("writing", quiet=quiet) as progress:
+                report = apply_file(
+                    rules_file,
+                    source=source,
+                    output=output,
+                    dry_run=dry_run,
+                    progress=progress,
+                    finetune=False,
+                    report_path=report_path,
+                    durable=not no_fsync,
+                    prehashed=prehashed,
+                )
+        except PlanFailed as exc:
+            _emit_report(exc.report, as_json, report_path, show=as_json)
+            raise
     if not as_json and not quiet:
         plan_report.render(report, _console())
     rules = load_rules(rules_file)
@@ -255,21 +253,38 @@ def apply(
     _emit_report(report, as_json, report_path, show=as_json)
 
 
-def _prehash_source(rules_file: str, source: str | None) -> SourceDigests | None:
-    """Start hashing the source's tensors if it is safetensors; None if there is nothing
-    to start (a bad rules file is left for ``apply_file`` to report)."""
+@contextlib.contextmanager
+def _hashing_ahead(source: str | None) -> Iterator[SourceDigests | None]:
+    """Hash a safetensors ``source``'s tensors in the background while the block runs.
+
+    Entered before torch is imported, so the hashing takes the core that import leaves
+    idle and copies later need not hash (see :mod:`ckptsurgeon.formats.prehash`). Yields
+    None when there is nothing to hash.
+    """
     from ckptsurgeon.formats.prehash import SourceDigests
+
+    digests = SourceDigests.start(source) if source is not None else None
+    try:
+        yield digests
+    finally:
+        if digests is not None:
+            digests.stop()
+
+
+def _source_of(rules_file: str, source: str | None) -> str | None:
+    """The source path ``apply`` will read: ``--source`` or the rules file's; None when the
+    rules file does not say (a bad rules file is left for ``apply_file`` to report)."""
     from ckptsurgeon.rules.document import load_rules, resolve
 
-    if source is None:
-        try:
-            spec = load_rules(rules_file).source_spec
-        except CkptSurgeonError:
-            return None
-        if spec is None:
-            return None
-        source = resolve(spec.path, os.path.dirname(os.path.abspath(rules_file)))
-    return SourceDigests.start(source)
+    if source is not None:
+        return source
+    try:
+        spec = load_rules(rules_file).source_spec
+    except CkptSurgeonError:
+        return None
+    if spec is None:
+        return None
+    return resolve(spec.path, os.path.dirname(os.path.abspath(rules_file)))
 
 
 def _log_for(as_json: bool) -> Callable[[str], None]:
