@@ -3,10 +3,10 @@
 Every output records each tensor's sha256, and for tensors copied unchanged that is the
 digest of source bytes. Hashing costs more CPU than copying (sha256 runs at about 1.4 GB/s
 per core here, a page-cache copy at about 3 GB/s), yet the CLI spends its first seconds
-importing torch on one core while the other sits idle. So ``apply`` and
-``convert`` start a :class:`SourceDigests` before that import: a background thread (torch-free, like this module)
-hashes the source's tensors in file order, and the writer takes each digest when it copies
-that tensor, or hashes the tensor itself if the thread has not got to it.
+importing torch on one core while the other sits idle. So ``apply`` and ``convert`` start
+a :class:`SourceDigests` before that import: a background thread (torch-free, like this
+module) hashes the source's tensors in file order, and the writer takes each digest when it
+copies that tensor, or hashes the tensor itself if the thread has not got to it.
 
 A digest is only ever used for the very file it was computed from: each is keyed by the
 file's device, inode, size and modification time as well as the byte range, and the writer
