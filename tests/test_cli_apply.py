@@ -290,3 +290,19 @@ def test_python_api(project: Path) -> None:
     assert torch.equal(model.weight, lazy["module.weight"])
     with pytest.raises(ckptsurgeon.FitError, match="missing from the checkpoint"):
         ckptsurgeon.load_into(torch.nn.Linear(4, 2), project / "src.pt")
+
+
+def test_a_tensor_named_metadata_cannot_go_to_safetensors(tmp_path: Path, run_cli) -> None:
+    """``__metadata__`` is a legal state-dict key but the safetensors header's own entry."""
+    src = tmp_path / "odd.pt"
+    torch.save({"__metadata__": torch.ones(2), "w": torch.zeros(3)}, src)
+    for out in (tmp_path / "odd.safetensors", tmp_path / "folder"):
+        proc = run_cli("convert", src, out)
+        assert_clean_failure(proc, 1, "'__metadata__'", "rename it with a rule")
+        assert not out.exists()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f"version: 1\nsource: {src}\noutput: {tmp_path / 'o.safetensors'}\nrules: []\n"
+    )
+    assert_clean_failure(run_cli("apply", rules, "--dry-run"), 1, "'__metadata__'")
+    assert run_cli("convert", src, tmp_path / "fine.pt").returncode == 0

@@ -131,6 +131,20 @@ def test_split_with_sizes_and_bad_sizes() -> None:
         run([{"op": "split", "pattern": "^w$", "into": ["a", "b"], "sizes": [3, 6]}], t)
 
 
+def test_split_sizes_must_be_positive() -> None:
+    t = table(w=torch.arange(10.0))
+    with pytest.raises(RulesError, match="greater than 0"):
+        run([{"op": "split", "pattern": "^w$", "into": ["a", "b"], "sizes": [-2, 12]}], t)
+
+
+def test_resize_by_mean_of_an_empty_dim_is_an_error() -> None:
+    rule = {"op": "resize", "pattern": "w", "dim": 0, "size": 2, "init": "mean"}
+    with pytest.raises(FitError, match="no mean; use init: zeros or normal"):
+        run([rule], table(w=torch.empty(0, 3)))
+    out, _ = run([{**rule, "init": "zeros"}], table(w=torch.empty(0, 3)))
+    assert torch.equal(out["w"].load(), torch.zeros(2, 3))
+
+
 def test_merge_missing_partner_is_an_error() -> None:
     t = table(x__q=torch.ones(2), x__k=torch.ones(2))
     with pytest.raises(FitError, match=r"no partner for \['v'\]"):

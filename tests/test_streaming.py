@@ -13,6 +13,7 @@ import mmap
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def test_row_splits_and_truncations_keep_file_spans(source, tmp_path: Path) -> N
     columns = {k: v for k, v in _rules(cols, table).items() if k in ("a", "b")}
     casted = {f"{k}.bf16": v for k, v in _rules(cast + rows, table).items() if k in ("q", "kv")}
     span = table["matrix"].span
-    assert plain["kv"].span == ByteSpan(span.path, span.offset + 100 * 1031 * 4, 413 * 1031 * 4)
+    assert plain["kv"].span == span.sub(100 * 1031 * 4, 413 * 1031 * 4)
+    assert plain["kv"].span.offset == span.offset + 100 * 1031 * 4
     assert plain["big"].span.length == (PART_ELEMS + 5) * 4
     assert all(ref.span is None and ref.cast_from is None for ref in columns.values())
     assert casted["kv.bf16"].cast_from.span == plain["kv"].span
@@ -143,16 +145,75 @@ def test_row_splits_and_truncations_keep_file_spans(source, tmp_path: Path) -> N
     assert {v.status for v in verify_checkpoint(open_checkpoint(out))} == {"ok"}
 
 
-def test_a_source_truncated_under_the_writer_is_an_input_error(source, tmp_path: Path) -> None:
+def test_a_negative_narrow_start_counts_from_the_end(source, tmp_path: Path) -> None:
+    path, tensors = source
+    ref = open_checkpoint(path).tensors["matrix"]
+    parts = {
+        "tail": ref.narrow(0, -13, 13, "tail"),
+        "cast": ref.cast(torch.half).narrow(0, -2, 1, "c"),
+    }
+    assert parts["tail"].span == ref.span.sub(500 * 1031 * 4, 13 * 1031 * 4)
+    out = tmp_path / "tail.safetensors"
+    write_checkpoint(parts, str(out))
+    got = load_file(out)
+    assert torch.equal(got["tail"], tensors["matrix"][-13:])
+    assert torch.equal(got["cast"], tensors["matrix"].half()[-2:-1])
+
+
+def _replace_in_place_keeping_mtime(path: Path) -> None:
+    """Rewrite ``path``'s bytes (same size, same layout) and put its mtime back, as some
+    copy tools do: only the ctime tells."""
+    before = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # +inf in the last float
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda p: os.truncate(p, os.path.getsize(p) // 2), id="truncated"),
+        pytest.param(lambda p: save_file({"other": torch.ones(3)}, p), id="replaced"),
+        pytest.param(_replace_in_place_keeping_mtime, id="rewritten-same-mtime"),
+        pytest.param(os.unlink, id="deleted"),
+    ],
+)
+def test_a_source_changed_after_planning_is_an_input_error(
+    source, tmp_path: Path, change: Callable[[Path], None]
+) -> None:
+    """Spans remember the file they were planned from: bytes of another layout are never
+    copied as if they were the tensor (their digests would match, so verify could not tell)."""
     path, _ = source
     copy = tmp_path / "victim.safetensors"
     copy.write_bytes(path.read_bytes())
     table = open_checkpoint(copy).tensors
-    os.truncate(copy, os.path.getsize(copy) // 2)  # after the header was read
+    change(copy)  # after the header was read
     for rules in (table, {k: r.cast(torch.bfloat16) for k, r in table.items()}):
-        with pytest.raises(InputError, match="file ended early"):
+        with pytest.raises(InputError, match=r"victim\.safetensors: (changed since|cannot read)"):
             write_checkpoint(rules, str(tmp_path / "out.safetensors"))
         assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(InputError, match=r"victim\.safetensors"):
+        table["big"].load()
+
+
+def test_a_source_changed_while_copied_is_an_input_error(source, tmp_path: Path, monkeypatch):
+    """The identity is checked again once a tensor's bytes are copied."""
+    path, _ = source
+    copy = tmp_path / "victim.safetensors"
+    copy.write_bytes(path.read_bytes())
+    table = open_checkpoint(copy).tensors
+    real = streaming._copy_parts
+
+    def copy_then_touch(src: int, span: ByteSpan, fd: int, offset: int, h) -> None:
+        real(src, span, fd, offset, h)
+        _replace_in_place_keeping_mtime(copy)
+
+    monkeypatch.setattr(streaming, "_copy_parts", copy_then_touch)
+    with pytest.raises(InputError, match="changed since it was read"):
+        write_checkpoint({"big": table["big"]}, str(tmp_path / "out.safetensors"))
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_memory_stays_flat_while_casting_a_large_file(tmp_path: Path) -> None:
@@ -181,24 +242,18 @@ def test_memory_stays_flat_while_casting_a_large_file(tmp_path: Path) -> None:
 # digests hashed ahead of time (the CLI starts them before importing torch)
 
 
-def _stat_key(path: Path, offset: int, length: int):
-    return prehash.span_key(os.stat(path), offset, length)
-
-
 def test_prehashed_digests_are_the_bytes_sha256(source) -> None:
     path, _ = source
     digests = prehash.SourceDigests([str(path)])
     header = safetensors_header.read_header(str(path))
-    keys = {
-        name: _stat_key(path, header.data_start + b, e - b)
-        for name, (b, e) in ((n, i["data_offsets"]) for n, i in header.tensors.items())
-    }
     data = path.read_bytes()
-    for key in keys.values():
-        want = hashlib.sha256(data[key[4] : key[4] + key[5]]).digest()
-        assert digests.claim(key) in (want, None)  # None only if not reached yet
+    for begin, end in (info["data_offsets"] for info in header.tensors.values()):
+        start = header.data_start + begin
+        want = hashlib.sha256(data[start : header.data_start + end]).digest()
+        got = digests.claim((header.file, start, end - begin))
+        assert got in (want, None)  # None only if not reached yet
     digests.stop()
-    assert digests.claim(_stat_key(path, 0, 8)) is None  # never a span it hashed
+    assert digests.claim((header.file, 0, 8)) is None  # never a span it hashed
 
 
 def test_copies_take_prehashed_digests_instead_of_hashing(
@@ -250,13 +305,19 @@ def test_prehashed_copies_are_kernel_copies_at_source_page_offsets(
     assert {v.status for v in verify_checkpoint(open_checkpoint(out))} == {"ok"}
 
 
-def test_copies_fall_back_when_the_kernel_cannot_copy(source, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("refusal", [errno.EXDEV, errno.EPERM, errno.ENOSYS, 0])
+def test_copies_fall_back_when_the_kernel_cannot_copy(
+    source, tmp_path: Path, monkeypatch, refusal: int
+) -> None:
+    """As ``cp`` does: these errors, or nothing copied at all, mean "copy another way"."""
     path, tensors = source
     digests = prehash.SourceDigests([str(path)])
     digests.wait()
 
     def refuse(*_: int) -> int:
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
+        if refusal:
+            raise OSError(refusal, os.strerror(refusal))
+        return 0
 
     monkeypatch.setattr(streaming.os, "copy_file_range", refuse)
     out = tmp_path / "out.safetensors"

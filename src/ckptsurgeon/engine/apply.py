@@ -55,7 +55,7 @@ def apply_rules(
         )
     spec = rules.output_spec
     if plan.output is not None:  # what the write would refuse, a dry run refuses too
-        check_output(plan.output, spec.max_shard_size)
+        check_output(plan.output, spec.max_shard_size, plan.table.keys())
         refuse_overwriting_inputs(plan.output, inputs)
     if dry_run:
         return report

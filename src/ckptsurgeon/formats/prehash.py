@@ -9,8 +9,10 @@ module) hashes the source's tensors in file order, and the writer takes each dig
 copies that tensor, or hashes the tensor itself if the thread has not got to it.
 
 A digest is only ever used for the very file it was computed from: each is keyed by the
-file's device, inode, size and modification time as well as the byte range, and the writer
-looks it up with the ``fstat`` of the file it is copying from.
+file's identity (device, inode, size, mtime and ctime: see
+:func:`~ckptsurgeon.formats.safetensors_header.file_id`) as well as the byte range, the
+writer looks it up with the identity its span was planned with, and checks that identity
+on the open file before and after copying.
 """
 
 from __future__ import annotations
@@ -23,17 +25,12 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 
 from ckptsurgeon.errors import InputError
-from ckptsurgeon.formats.safetensors_header import read_header
+from ckptsurgeon.formats.safetensors_header import FileId, file_id, read_header
 
 # Bytes read and hashed per call. Large, because the thread needs the GIL between calls
 # and the import it runs beside holds it most of the time: 1 MiB parts hashed ~200 MB/s.
 PIECE = 16 << 20
-SpanKey = tuple[int, int, int, int, int, int]  # dev, inode, size, mtime_ns, offset, length
-
-
-def span_key(stat: os.stat_result, offset: int, length: int) -> SpanKey:
-    """The key of ``length`` bytes at ``offset`` in the file ``stat`` describes."""
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, offset, length)
+SpanKey = tuple[FileId, int, int]  # the file, offset, length
 
 
 def safetensors_files(source: str) -> list[str]:
@@ -92,10 +89,11 @@ class SourceDigests:
             try:
                 header = read_header(path)
                 with open(path, "rb", buffering=0) as f:
-                    stat = os.fstat(f.fileno())
+                    if file_id(os.fstat(f.fileno())) != header.file:
+                        continue  # replaced since its header was read: no key would match
                     for info in header.tensors.values():
                         begin, end = info["data_offsets"]
-                        key = span_key(stat, header.data_start + begin, end - begin)
+                        key = (header.file, header.data_start + begin, end - begin)
                         if not self._hash_span(f, key, buf):
                             return
             except (OSError, InputError):
@@ -111,7 +109,7 @@ class SourceDigests:
             future: Future[bytes | None] = Future()
             self._digests[key] = future
         h = hashlib.sha256()
-        offset, end = key[4], key[4] + key[5]
+        offset, end = key[1], key[1] + key[2]
         try:
             while offset < end:
                 if self._stop.is_set():

@@ -28,6 +28,15 @@ DTYPE_BITS: dict[str, int] = {
 }  # fmt: skip
 
 
+FileId = tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
+
+
+def file_id(stat: os.stat_result) -> FileId:
+    """A file's identity for telling whether it changed: the ctime is in it because every
+    write moves it, even where a tool puts the mtime back."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 @dataclass(frozen=True)
 class Header:
     """A validated safetensors header."""
@@ -35,6 +44,7 @@ class Header:
     tensors: dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "data_offsets"}
     metadata: dict[str, str]
     data_start: int  # absolute offset of the byte buffer
+    file: FileId  # the file's identity when the header was read
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -62,10 +72,11 @@ def read_header(path: str) -> Header:
 
 
 def _read_header(path: str) -> Header:
-    file_size = os.path.getsize(path)
-    if file_size < 8:
-        raise InputError(f"{file_size} bytes, too short for the 8-byte header length")
     with open(path, "rb") as f:
+        stat = os.fstat(f.fileno())
+        file_size = stat.st_size
+        if file_size < 8:
+            raise InputError(f"{file_size} bytes, too short for the 8-byte header length")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES:
             raise InputError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap")
@@ -106,7 +117,7 @@ def _read_header(path: str) -> Header:
         raise InputError(
             f"data covers {expected} bytes but the file holds {file_size - 8 - n} after the header"
         )
-    return Header(tensors=obj, metadata=metadata, data_start=8 + n)
+    return Header(tensors=obj, metadata=metadata, data_start=8 + n, file=file_id(stat))
 
 
 def _check_entry(name: str, info: Any) -> None:

@@ -29,7 +29,8 @@ from ckptsurgeon.formats.safetensors_header import (  # noqa: F401 (re-exported)
     Header,
     read_header,
 )
-from ckptsurgeon.formats.table import ByteSpan, Table, TensorRef
+from ckptsurgeon.formats.spans import ByteSpan, read_span
+from ckptsurgeon.formats.table import Table, TensorRef
 
 # Integrity records (metadata values are strings): the file's content digest, and the
 # per-tensor sha256 digests concatenated in data order (64 hex characters per tensor).
@@ -64,21 +65,6 @@ def st_dtype(dtype: torch.dtype) -> str:
     raise InputError(f"dtype {name} cannot be stored in safetensors")
 
 
-def read_span(span: ByteSpan) -> bytearray:
-    """Read exactly the bytes of ``span`` into a fresh writable buffer."""
-    buf = bytearray(span.length)
-    view = memoryview(buf)
-    with open(span.path, "rb", buffering=0) as f:
-        f.seek(span.offset)
-        done = 0
-        while done < span.length:
-            got = f.readinto(view[done:])
-            if not got:
-                raise InputError(f"{span.path}: file ended early (truncated while reading?)")
-            done += got
-    return buf
-
-
 def _span_loader(span: ByteSpan, shape: tuple[int, ...], dtype: torch.dtype):
     def load() -> torch.Tensor:
         if span.length == 0:
@@ -99,7 +85,7 @@ def open_safetensors(path: str, header: Header | None = None) -> Table:
         except InputError as exc:
             raise InputError(f"{path}: tensor {name!r}: {exc}") from None
         shape = tuple(info["shape"])
-        span = ByteSpan(path, header.data_start + begin, end - begin)
+        span = ByteSpan(path, header.data_start + begin, end - begin, header.file)
         table[name] = TensorRef(shape, dtype, _span_loader(span, shape, dtype), span, (name,))
     return table
 

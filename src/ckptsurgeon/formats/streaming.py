@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ckptsurgeon.errors import InputError
-from ckptsurgeon.formats.prehash import SourceDigests, span_key
+from ckptsurgeon.formats.prehash import SourceDigests, SpanKey
 from ckptsurgeon.formats.safetensors_io import (
     DIGEST_KEY,
     TENSOR_DIGESTS_KEY,
@@ -49,7 +49,8 @@ from ckptsurgeon.formats.safetensors_io import (
     layout,
     pad_header,
 )
-from ckptsurgeon.formats.table import ByteSpan, CastSpan, TensorRef
+from ckptsurgeon.formats.spans import ByteSpan, CastSpan, open_span, read_exactly
+from ckptsurgeon.formats.table import TensorRef
 
 PART = 1 << 20  # bytes read, hashed and written at a time: stays in the CPU cache
 KERNEL_COPY = 64 << 20  # bytes per copy_file_range call
@@ -169,17 +170,15 @@ def _interleaved(
             turns.append((out, jobs))
 
 
-def _copied_spans(files: Sequence[tuple[str, Items]]) -> list:
+def _copied_spans(files: Sequence[tuple[str, Items]]) -> list[SpanKey]:
     """The keys of every span the write will copy (for :meth:`SourceDigests.keep_only`)."""
-    stats: dict[str, os.stat_result] = {}
-    keys = []
-    for _, items in files:
-        for _, ref in items:
-            if ref.span is not None:
-                path = ref.span.path
-                stat = stats[path] = stats.get(path) or os.stat(path)
-                keys.append(span_key(stat, ref.span.offset, ref.span.length))
-    return keys
+    spans = (ref.span for _, items in files for _, ref in items if ref.span is not None)
+    return [key for key in map(_span_key, spans) if key is not None]
+
+
+def _span_key(span: ByteSpan) -> SpanKey | None:
+    """``span``'s key among prehashed digests; None if its file's identity is unknown."""
+    return None if span.file is None else (span.file, span.offset, span.length)
 
 
 def _streamable(ref: TensorRef) -> bool:
@@ -255,6 +254,8 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
         n = os.pwrite(fd, view, offset)
+        if n <= 0:  # never seen on a regular file; better an error than a loop
+            raise OSError(errno.EIO, "write made no progress")
         view, offset = view[n:], offset + n
 
 
@@ -276,22 +277,22 @@ def _copy_and_hash(
 ) -> bytes:
     """Copy ``span`` to ``offset`` in ``fd``; the sha256 of the bytes copied (hashed here
     unless ``prehashed`` already holds it for this very file)."""
-    with open(span.path, "rb", buffering=0) as src:
-        known = None
-        if prehashed is not None:
-            known = prehashed.claim(span_key(os.fstat(src.fileno()), span.offset, span.length))
+    with open_span(span) as src:  # checks the file is the one planned, before and after
+        key = _span_key(span)
+        known = prehashed.claim(key) if prehashed is not None and key is not None else None
         if known is not None:
-            if not _kernel_copy(src.fileno(), span, fd, offset):
-                _copy_parts(src.fileno(), span, fd, offset, None)
+            if not _kernel_copy(src, span, fd, offset):
+                _copy_parts(src, span, fd, offset, None)
             return known
         h = hashlib.sha256()
-        _copy_parts(src.fileno(), span, fd, offset, h)
+        _copy_parts(src, span, fd, offset, h)
         return h.digest()
 
 
 def _kernel_copy(src: int, span: ByteSpan, fd: int, offset: int) -> bool:
     """Copy ``span`` to ``offset`` in ``fd`` with ``copy_file_range``; False if the kernel
-    cannot copy between these two files (the caller copies some other way)."""
+    cannot copy between these two files (the caller copies some other way; which errors
+    mean that follows coreutils' ``cp``)."""
     if not hasattr(os, "copy_file_range"):  # Linux only
         return False
     done = 0
@@ -305,19 +306,29 @@ def _kernel_copy(src: int, span: ByteSpan, fd: int, offset: int) -> bool:
                 raise
             return False
         if n <= 0:
+            if done == 0:  # some file systems copy nothing rather than refuse
+                return False
             raise InputError(f"{span.path}: file ended early (truncated while reading?)")
         done += n
     return True
 
 
-_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+_NO_KERNEL_COPY = {
+    errno.EXDEV,
+    errno.EINVAL,
+    errno.ENOSYS,
+    errno.EOPNOTSUPP,
+    errno.EBADF,
+    errno.EPERM,  # a seccomp filter, or an immutable file
+    errno.ETXTBSY,
+}
 
 
 def _copy_parts(src: int, span: ByteSpan, fd: int, offset: int, h: Any | None) -> None:
     """Copy ``span`` to ``offset`` in ``fd`` a part at a time, feeding each part to ``h``."""
     buf = _buffers().source
     for at in range(0, span.length, PART):
-        part = _read_exactly(src, span, at, buf[: min(PART, span.length - at)])
+        part = read_exactly(src, span, at, buf[: min(PART, span.length - at)])
         if h is not None:
             h.update(part)
         _pwrite_all(fd, part, offset + at)
@@ -331,29 +342,16 @@ def _cast_and_hash(source: CastSpan, dtype: torch.dtype, fd: int, offset: int) -
     total = span.length // in_size
     buffers = _buffers()
     h = hashlib.sha256()
-    with open(span.path, "rb", buffering=0) as src:
+    with open_span(span) as src:
         for first in range(0, total, per_part):
             count = min(per_part, total - first)
-            raw = _read_exactly(
-                src.fileno(), span, first * in_size, buffers.source[: count * in_size]
-            )
+            raw = read_exactly(src, span, first * in_size, buffers.source[: count * in_size])
             converted = buffers.converted[: count * out_size]
             converted.view(dtype).copy_(torch.frombuffer(raw, dtype=source.dtype))
             part = memoryview(converted.numpy())
             h.update(part)
             _pwrite_all(fd, part, offset + first * out_size)
     return h.digest()
-
-
-def _read_exactly(src: int, span: ByteSpan, at: int, into: memoryview) -> memoryview:
-    """Fill ``into`` with the bytes of ``span`` from ``at`` on; InputError if the file ends."""
-    done = 0
-    while done < len(into):
-        n = os.preadv(src, [into[done:]], span.offset + at + done)
-        if n <= 0:
-            raise InputError(f"{span.path}: file ended early (truncated while reading?)")
-        done += n
-    return into
 
 
 @dataclass

@@ -14,23 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-
-@dataclass(frozen=True)
-class ByteSpan:
-    """Where a tensor's raw row-major bytes lie in a file (absolute offset)."""
-
-    path: str
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class CastSpan:
-    """A tensor stored as the bytes of ``span`` read as ``dtype``, to be converted element
-    by element: lets writers stream a cast in small pieces instead of materialising it."""
-
-    span: ByteSpan
-    dtype: torch.dtype
+from ckptsurgeon.formats.spans import ByteSpan, CastSpan
 
 
 @dataclass(frozen=True)
@@ -106,17 +90,19 @@ class TensorRef:
         the part keeps the matching piece of the parent's file span, or of the bytes it is
         cast from, so writers still copy or convert it straight from disk.
         """
-        ref = self.derive(lambda t: t.narrow(dim, start, length), action)
+        ref = self.derive(lambda t: t.narrow(dim, start, length), action)  # checks the range
         dim %= len(self.shape)
+        if start < 0:  # as in narrow, counted from the end
+            start += self.shape[dim]
         if math.prod(self.shape[:dim]) != 1:
             return ref
         row = math.prod(self.shape[dim + 1 :])  # elements per index of ``dim``
         if self.span is not None and self.span.length == self.nbytes:
             size = dtype_itemsize(self.dtype)
-            ref = replace(ref, span=_sub_span(self.span, start * row * size, length * row * size))
+            ref = replace(ref, span=self.span.sub(start * row * size, length * row * size))
         if self.cast_from is not None:
             size = dtype_itemsize(self.cast_from.dtype)
-            span = _sub_span(self.cast_from.span, start * row * size, length * row * size)
+            span = self.cast_from.span.sub(start * row * size, length * row * size)
             ref = replace(ref, cast_from=CastSpan(span, self.cast_from.dtype))
         return ref
 
@@ -133,11 +119,6 @@ class TensorRef:
         if self.span is not None and self.span.length == self.nbytes:
             ref = replace(ref, cast_from=CastSpan(self.span, self.dtype))
         return ref
-
-
-def _sub_span(span: ByteSpan, offset: int, length: int) -> ByteSpan:
-    """The ``length`` bytes at ``offset`` within ``span``."""
-    return ByteSpan(span.path, span.offset + offset, length)
 
 
 def combine(

@@ -18,15 +18,16 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from ckptsurgeon.errors import OutputError, UsageError
+from ckptsurgeon.errors import FitError, OutputError, UsageError
 from ckptsurgeon.formats import safetensors_io, streaming
 from ckptsurgeon.formats.prehash import SourceDigests
+from ckptsurgeon.formats.safetensors_header import METADATA_KEY
 from ckptsurgeon.formats.table import Table, TensorRef
 
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -66,14 +67,22 @@ def output_kind(path: str) -> str:
     return "folder"
 
 
-def check_output(path: str, max_shard_size: int | str | None = None) -> str:
-    """UsageError for an output ``write_checkpoint`` would refuse; else its kind. Lets a
-    dry run fail exactly where the real run would."""
+def check_output(
+    path: str, max_shard_size: int | str | None = None, names: Iterable[str] = ()
+) -> str:
+    """The kind of output ``path`` names, or the error ``write_checkpoint`` would raise for
+    it and tensors called ``names`` (lets a dry run fail exactly where the real run would):
+    UsageError for a bad path or shard size, FitError for a name the format cannot hold."""
     kind = output_kind(path)
     if max_shard_size is not None:
         if kind != "folder":
             raise UsageError("max_shard_size needs a folder output (a path with no suffix)")
         parse_size(max_shard_size)
+    if kind != "torch" and METADATA_KEY in names:
+        raise FitError(
+            f"a tensor is named {METADATA_KEY!r}, which safetensors keeps for the file's "
+            "metadata; rename it with a rule, or write a .pt output"
+        )
     return kind
 
 
@@ -126,7 +135,7 @@ def write_checkpoint(
     (kill -9), and costs what ``cp -r`` costs instead of waiting for the disk.
     ``prehashed``: digests of source tensors already computed (safetensors outputs).
     """
-    kind = check_output(path, max_shard_size)
+    kind = check_output(path, max_shard_size, table.keys())
     metadata = {"format": "pt", **(metadata or {})}
     items = list(table.items())
     total = sum(ref.nbytes for _, ref in items)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.rules.config import DType, InitName, Pattern, Strict
@@ -300,7 +300,7 @@ class Split(Op):
     pattern: Pattern
     into: list[str] = Field(min_length=2)
     dim: int = 0
-    sizes: list[int] | None = None
+    sizes: list[PositiveInt] | None = None
 
     @model_validator(mode="after")
     def _sizes_match(self) -> Split:
@@ -457,6 +457,11 @@ class Resize(TensorOp):
         action = f"resized dim {dim} {old}->{size} ({self.init})"
         if size < old:
             return ref.narrow(dim, 0, size, action)
+        if old == 0 and self.init == "mean":
+            raise FitError(
+                f"{ctx.where}: {name!r} dim {dim} is empty, so it has no mean; "
+                "use init: zeros or normal"
+            )
         seed = derive_seed(ctx.seed, name)
 
         def resize(t: torch.Tensor) -> torch.Tensor:
