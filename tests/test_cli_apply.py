@@ -276,6 +276,21 @@ def test_convert_casts_floating_and_shards(tmp_path: Path, run_cli) -> None:
     assert data["tensors"]["w"]["dtype"] == "bfloat16" and data["tensors"]["n"]["dtype"] == "int64"
 
 
+@pytest.mark.parametrize("dtype", ["int8", "bool", "qint8"])
+def test_a_non_floating_dtype_is_refused(tmp_path: Path, run_cli, dtype: str) -> None:
+    """Casting every floating tensor to an integer type would zero the weights."""
+    torch.save({"w": torch.randn(10)}, tmp_path / "in.pt")
+    proc = run_cli("convert", tmp_path / "in.pt", tmp_path / "o.safetensors", "--dtype", dtype)
+    assert_clean_failure(proc, 2, "floating-point dtype")
+    assert not (tmp_path / "o.safetensors").exists()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f"version: 1\nsource: in.pt\noutput: {{path: o.pt, dtype: {dtype}}}\nrules: []\n"
+    )
+    needles = ["dtype: unknown"] if dtype == "qint8" else ["not a floating-point dtype"]
+    assert_clean_failure(run_cli("validate", rules), 2, *needles)
+
+
 def test_python_api(project: Path) -> None:
     import ckptsurgeon
 

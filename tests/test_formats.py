@@ -57,6 +57,27 @@ def test_torch_compile_inside_training_container(tmp_path: Path) -> None:
         open_checkpoint(tmp_path / "train.pt", key="nope")
 
 
+def test_imagenet_example_checkpoint_picks_state_dict_over_a_top_level_tensor(
+    tmp_path: Path, resnet18_state
+) -> None:
+    """PyTorch's ImageNet example saves best_acc1 as a tensor beside ``state_dict``."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoint = {
+        "epoch": 90,
+        "arch": "resnet18",
+        "state_dict": resnet18_state,
+        "best_acc1": torch.tensor(69.76),
+        "optimizer": opt.state_dict(),
+    }
+    torch.save(checkpoint, tmp_path / "checkpoint.pth.tar")
+    ckpt = open_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert ckpt.container == "state_dict"
+    assert "1 tensor(s) at the top level" in ckpt.note
+    assert_same_tensors(materialise(ckpt.tensors), resnet18_state)
+    assert list(open_checkpoint(tmp_path / "checkpoint.pth.tar", key="").tensors) == ["best_acc1"]
+
+
 def test_legacy_format(tmp_path: Path, resnet18_state) -> None:
     path = tmp_path / "legacy.pth"
     torch.save(resnet18_state, path, _use_new_zipfile_serialization=False)

@@ -54,9 +54,15 @@ def convert(
     table = ckpt.tensors
     if dtype is not None:
         try:
-            table = cast_floating(table, parse_dtype(dtype))
+            target = parse_dtype(dtype)
         except ValueError as exc:
             raise UsageError(f"--dtype: {exc}") from None
+        if not target.is_floating_point:
+            raise UsageError(
+                f"--dtype {dtype}: --dtype converts every floating tensor, so it takes a "
+                "floating-point dtype (bfloat16, float16, float32, ...)"
+            )
+        table = cast_floating(table, target)
     return write_checkpoint(
         table,
         output,

@@ -312,11 +312,30 @@ def choose_container(containers: dict[str, Mapping], key: str | None) -> tuple[s
         return key, f"container {key!r} chosen with --key"
     if not containers:
         raise InputError("no tensors found in this checkpoint")
+    preferred = next(
+        (
+            path
+            for name in CONTAINER_PREFERENCE
+            for path in containers
+            if path and path.rsplit("/", 1)[-1] == name
+        ),
+        None,
+    )
     if "" in containers:
-        return "", "tensors at the top level"
-    for name in CONTAINER_PREFERENCE:
-        for path in containers:
-            if path.rsplit("/", 1)[-1] == name:
-                return path, f"container {path!r} chosen (first of {CONTAINER_PREFERENCE[:3]}...)"
-    largest = max(containers, key=lambda p: len(containers[p]))
+        # A few tensors beside the real state dict (PyTorch's ImageNet example saves
+        # best_acc1 as one) do not make the top level the weights.
+        root = _tensor_count(containers[""])
+        if preferred is None or root >= _tensor_count(containers[preferred]):
+            return "", "tensors at the top level"
+        return preferred, (
+            f"container {preferred!r} chosen over {root} tensor(s) at the top level; "
+            "pass --key to pick another"
+        )
+    if preferred is not None:
+        return preferred, f"container {preferred!r} chosen (first of {CONTAINER_PREFERENCE[:3]}...)"
+    largest = max(containers, key=lambda p: _tensor_count(containers[p]))
     return largest, f"container {largest!r} chosen as the largest; pass --key to pick another"
+
+
+def _tensor_count(container: Mapping) -> int:
+    return sum(isinstance(v, torch.Tensor) for v in container.values())

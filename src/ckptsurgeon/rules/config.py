@@ -14,11 +14,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 # Initialisations available where there is no model to take them from.
 InitName = Literal["zeros", "normal", "xavier_uniform", "kaiming_uniform"]
 
-KNOWN_DTYPES = (
+FLOAT_DTYPES = (
     "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64", "half",
     "float", "double", "float8_e4m3fn", "float8_e5m2", "fp8_e4m3", "fp8_e5m2",
-    "int8", "uint8", "int16", "int32", "int64", "bool",
 )  # fmt: skip
+KNOWN_DTYPES = (*FLOAT_DTYPES, "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
 class Strict(BaseModel):
@@ -41,10 +41,23 @@ def _check_dtype(name: str) -> str:
     return name
 
 
+def _check_float_dtype(name: str) -> str:
+    _check_dtype(name)
+    if name.removeprefix("torch.").lower() not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name!r} is not a floating-point dtype: output.dtype converts every floating "
+            "tensor; to change particular tensors, use a cast rule with a pattern"
+        )
+    return name
+
+
 Pattern = Annotated[
     str, AfterValidator(_check_regex), Field(description="Python regex (re.search)")
 ]
 DType = Annotated[str, AfterValidator(_check_dtype), Field(description="e.g. bfloat16, float16")]
+FloatDType = Annotated[
+    str, AfterValidator(_check_float_dtype), Field(description="e.g. bfloat16, float16")
+]
 
 
 class SourceSpec(Strict):
@@ -76,7 +89,7 @@ class TargetSpec(Strict):
 
 class OutputSpec(Strict):
     path: str | None = Field(None, description=".safetensors, .pt/.pth/.bin, or a folder")
-    dtype: DType | None = None
+    dtype: FloatDType | None = None
     max_shard_size: str | int | None = Field(None, description='e.g. "5GB" (decimal units)')
     fsync: bool = Field(
         True, description="wait for the disk (survives power loss); false: as fast as cp -r"
