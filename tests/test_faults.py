@@ -504,3 +504,48 @@ def test_cli_output_equal_to_source(sources: Path, run_cli) -> None:
     proc = run_cli("convert", single, single, "--dtype", "bfloat16")
     assert_clean_failure(proc, 2, "would overwrite the input")
     assert _snapshot(single) == before
+
+
+def test_a_folder_output_never_replaces_other_files(tmp_path: Path, run_cli) -> None:
+    """A folder output swaps the whole folder: a model folder with its config, or the
+    working folder, is refused with everything in it left as it was (dry runs too)."""
+    from transformers import BertConfig, BertModel
+
+    src = tmp_path / "finetuned.pt"
+    model = BertModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            vocab_size=99,
+        )
+    )
+    torch.save(model.state_dict(), src)
+    hf = tmp_path / "hf_model"
+    model.save_pretrained(hf)
+    (hf / "README.md").write_text("notes")
+    before = _snapshot(hf)
+    assert_clean_failure(
+        run_cli("convert", src, hf), 2, "holding other files (README.md, config.json"
+    )
+    assert _snapshot(hf) == before
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"version: 1\nsource: {src}\noutput: {hf}\nrules: []\n")
+    assert_clean_failure(run_cli("apply", rules, "--dry-run"), 2, "holding other files")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "results.json").write_text("{}")
+    assert_clean_failure(
+        run_cli("convert", src, ".", cwd=work), 2, "holding other files (results.json)"
+    )
+    assert sorted(os.listdir(work)) == ["results.json"]
+    (tmp_path / "plain").write_text("not a folder")
+    assert_clean_failure(run_cli("convert", src, tmp_path / "plain"), 2, "is an existing file")
+    assert (tmp_path / "plain").read_text() == "not a folder"
+    # an earlier folder output, and only that, is replaced
+    (hf / "README.md").unlink()
+    (hf / "config.json").unlink()
+    assert sorted(os.listdir(hf)) == ["model.safetensors"]
+    assert run_cli("convert", src, hf, "--max-shard-size", "100KB").returncode == 0
+    assert INDEX in os.listdir(hf) and "model.safetensors" not in os.listdir(hf)

@@ -72,12 +72,14 @@ def check_output(
 ) -> str:
     """The kind of output ``path`` names, or the error ``write_checkpoint`` would raise for
     it and tensors called ``names`` (lets a dry run fail exactly where the real run would):
-    UsageError for a bad path or shard size, FitError for a name the format cannot hold."""
+    UsageError for a bad path or shard size or an existing path it may not replace
+    (:func:`check_replaceable`), FitError for a name the format cannot hold."""
     kind = output_kind(path)
     if max_shard_size is not None:
         if kind != "folder":
             raise UsageError("max_shard_size needs a folder output (a path with no suffix)")
         parse_size(max_shard_size)
+    check_replaceable(os.path.abspath(path), is_dir=kind == "folder")
     if kind != "torch" and METADATA_KEY in names:
         raise FitError(
             f"a tensor is named {METADATA_KEY!r}, which safetensors keeps for the file's "
@@ -344,10 +346,31 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
-def _looks_like_our_output(folder: str) -> bool:
-    """Only a folder holding checkpoint files alone may be replaced by a folder output."""
-    allowed = (".safetensors", ".json", ".bin", ".pt", ".pth", ".md")
-    return all(n.endswith(allowed) for n in os.listdir(folder))
+# The names a folder output holds (see _write_folder): only these may be replaced.
+_FOLDER_OUTPUT_NAME = re.compile(
+    r"model(-\d{5}-of-\d{5})?\.safetensors|" + re.escape(SHARD_INDEX), re.ASCII
+)
+
+
+def check_replaceable(final: str, *, is_dir: bool) -> None:
+    """UsageError unless writing to ``final`` replaces nothing but an earlier output of the
+    same kind: a folder output swaps the whole folder, so a folder holding anything else
+    (a model's config.json, a tokenizer, notes) is refused rather than lost."""
+    if os.path.isdir(final):
+        if not is_dir:
+            raise UsageError(f"output {final} is an existing folder; give a file path")
+        others = sorted(n for n in os.listdir(final) if not _FOLDER_OUTPUT_NAME.fullmatch(n))
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UsageError(
+                f"output {final} is an existing folder holding other files ({shown}); a "
+                "folder output replaces the whole folder, so give a new folder (and copy "
+                "what else it needs beside the weights), or empty this one"
+            )
+    elif is_dir and os.path.lexists(final):
+        raise UsageError(
+            f"output {final} is an existing file; a path with no suffix names a folder output"
+        )
 
 
 def _makedirs(path: str) -> list[str]:
@@ -383,11 +406,7 @@ def atomic_path(final: str, *, is_dir: bool, durable: bool = True) -> Iterator[s
     tmp = os.path.join(parent, f".{base}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         clean_stale_temporaries(final)
-        if os.path.isdir(final) and not (is_dir and _looks_like_our_output(final)):
-            raise UsageError(
-                f"output {final} is an existing folder that is not a checkpoint; "
-                "refusing to replace it"
-            )
+        check_replaceable(final, is_dir=is_dir)
         if is_dir:
             os.mkdir(tmp)
         yield tmp
