@@ -957,3 +957,61 @@ def test_cli_dcp_metadata_payload(tmp_path: Path, run_cli: RunCli) -> None:
     proc = run_cli("inspect", folder)
     assert not marker.exists(), "the DCP metadata payload ran"
     _assert_refused(proc, 3, "os.mkdir")
+
+
+def test_an_unreadable_input_is_exit_3(tmp_path: Path, monkeypatch) -> None:
+    """A permission error while finding the checkpoint is bad input, not an internal error."""
+    from ckptsurgeon.formats import index
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+
+    def denied(path: str) -> list[str]:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(index.os, "listdir", denied)
+    with pytest.raises(InputError, match="locked: cannot read: Permission denied"):
+        open_checkpoint(folder)
+
+
+def test_whole_pickled_modules_give_their_state_dict(tmp_path: Path) -> None:
+    """``torch.save(model)`` needs its classes admitted; then it reads as its state dict."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    admitted = [
+        "torch.nn.modules.linear.Linear",
+        "torch.nn.modules.container.Sequential",
+        "torch.nn.modules.batchnorm.BatchNorm1d",
+    ]
+    torch.save(model, tmp_path / "whole.pt")
+    torch.save({"model": model, "epoch": 3}, tmp_path / "inside.pt")
+    for name in ("whole.pt", "inside.pt"):
+        with pytest.raises(UnsafeInputError, match=r"--allow-global torch\.nn\.modules\.linear"):
+            open_checkpoint(tmp_path / name)
+        ckpt = open_checkpoint(tmp_path / name, allow_globals=admitted)
+        assert_same_tensors(materialise(ckpt.tensors), model.state_dict())
+
+
+def test_a_pickle_with_no_tensors_names_the_file(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "empty.pt")
+    with pytest.raises(InputError, match=r"empty\.pt: no tensors found \(a pickled dict"):
+        open_checkpoint(tmp_path / "empty.pt")
+
+
+def test_sparse_buffers_read_as_dense(tmp_path: Path, run_cli: RunCli) -> None:
+    dense = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    torch.save(
+        {"coo": dense.to_sparse(), "csr": dense.to_sparse_csr(), "w": dense}, tmp_path / "s.pt"
+    )
+    ckpt = open_checkpoint(tmp_path / "s.pt")
+    assert "2 sparse tensors read as dense" in ckpt.note
+    assert all(torch.equal(ref.load(), dense) for ref in ckpt.tensors.values())
+    proc = run_cli("convert", tmp_path / "s.pt", tmp_path / "s.safetensors")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_dtype_safetensors_cannot_hold_is_a_usage_error(tmp_path: Path, run_cli: RunCli) -> None:
+    q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
+    torch.save({"q": q}, tmp_path / "q.pt")
+    proc = run_cli("convert", tmp_path / "q.pt", tmp_path / "q.safetensors")
+    assert_clean_failure(proc, 2, "cannot be stored in safetensors; write a .pt output")
+    assert not (tmp_path / "q.safetensors").exists()

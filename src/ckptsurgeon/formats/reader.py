@@ -97,9 +97,9 @@ def open_checkpoint(
     """
     path = os.fspath(path)
     torch_io.resolve_allowed_globals(allow_globals)  # a bad --allow-global is an error everywhere
-    fmt = detect_format(path)
-    file = resolve_file(path)
     try:
+        fmt = detect_format(path)
+        file = resolve_file(path)
         if fmt == "safetensors":
             header = safetensors_io.read_header(file)
             ckpt = Checkpoint(
@@ -119,7 +119,7 @@ def open_checkpoint(
             ckpt = _open_torch(path, file, fmt, key, allow_globals)
             key = None  # the container was chosen inside the pickle
     except (OSError, struct.error) as exc:
-        raise InputError(f"{path}: cannot read: {exc}") from None
+        raise InputError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     if fmt in ("dcp", "safetensors", "safetensors-sharded", "torch-sharded"):
         _choose_prefix_container(ckpt, key)
     return ckpt
@@ -179,17 +179,25 @@ def _open_torch(
     if isinstance(obj, torch.Tensor):
         obj = {"tensor": obj}
     containers = torch_io.find_containers(obj)
+    if not containers and key is None:
+        raise InputError(
+            f"{path}: no tensors found (a pickled {type(obj).__name__}, not a state dict)"
+        )
     chosen, note = torch_io.choose_container(containers, key)
     state = containers[chosen]
     table: Table = {}
     seen: dict[tuple[int, int, tuple, tuple], str] = {}
     aliases: dict[str, str] = {}
-    skipped = 0
+    skipped = densified = 0
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             skipped += 1
             continue
         name = str(name)
+        if value.layout != torch.strided:  # sparse buffers: no format here stores them as such
+            table[name] = from_tensor(value.detach().to_dense(), name, "read as dense")
+            densified += 1
+            continue
         table[name] = from_tensor(value.detach(), name)
         ident = (
             value.untyped_storage().data_ptr(),
@@ -203,6 +211,8 @@ def _open_torch(
             seen[ident] = name
     if skipped:
         note += f"; {skipped} non-tensor entries skipped"
+    if densified:
+        note += f"; {densified} sparse tensors read as dense"
     return Checkpoint(
         path,
         fmt,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ckptsurgeon.errors import InputError
+from ckptsurgeon.errors import InputError, UsageError
 from ckptsurgeon.formats.safetensors_header import (  # noqa: F401 (re-exported)
     DTYPE_BITS,
     MAX_HEADER_BYTES,
@@ -62,7 +62,7 @@ def st_dtype(dtype: torch.dtype) -> str:
     for key, value in _TORCH_DTYPES.items():
         if value == name:
             return key
-    raise InputError(f"dtype {name} cannot be stored in safetensors")
+    raise UsageError(f"dtype {name} cannot be stored in safetensors; write a .pt output")
 
 
 def _span_loader(span: ByteSpan, shape: tuple[int, ...], dtype: torch.dtype):

@@ -288,14 +288,17 @@ CONTAINER_PREFERENCE = (
 
 
 def find_containers(obj: Any, path: str = "", depth: int = 0) -> dict[str, Mapping]:
-    """Every mapping inside ``obj`` that holds tensors, keyed by its ``a/b`` path."""
+    """Every mapping inside ``obj`` that holds tensors, keyed by its ``a/b`` path. A whole
+    pickled module (``torch.save(model)``, its classes admitted) counts as its state dict."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
     found: dict[str, Mapping] = {}
     if not isinstance(obj, Mapping) or depth > 4:
         return found
     if any(isinstance(v, torch.Tensor) for v in obj.values()):
         found[path] = obj
     for key, value in obj.items():
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping | torch.nn.Module):
             found.update(find_containers(value, f"{path}/{key}" if path else str(key), depth + 1))
     return found
 
