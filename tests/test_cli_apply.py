@@ -321,3 +321,29 @@ def test_a_tensor_named_metadata_cannot_go_to_safetensors(tmp_path: Path, run_cl
     )
     assert_clean_failure(run_cli("apply", rules, "--dry-run"), 1, "'__metadata__'")
     assert run_cli("convert", src, tmp_path / "fine.pt").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("rule", "needle"),
+    [
+        ("{op: reinit_mismatched, pattern: '^fc'}", "rules[0] (reinit_mismatched): needs a target"),
+        ("{op: fill_missing, optional: true}", "rules[0] (fill_missing): needs a target"),
+        (r"{op: rename, pattern: '^head\.(\w+)', replace: 'fc.\2'}", "invalid group reference 2"),
+        (r"{op: copy, pattern: '^head', replace: '\g<x>'}", "unknown group name 'x'"),
+        (r"{op: split, pattern: '^qkv', into: ['\1.q', k]}", "invalid group reference 1"),
+    ],
+)
+def test_rules_that_could_only_fail_later_fail_validation(
+    tmp_path: Path, run_cli, rule: str, needle: str
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"version: 1\nsource: x.pt\nrules:\n  - {rule}\n")
+    assert_clean_failure(run_cli("validate", rules), 2, f"{rules}:4:", needle)
+
+
+def test_absurd_sizes_are_a_clean_fit_error(project: Path, run_cli) -> None:
+    rules = project / "rules.yaml"
+    rules.write_text(
+        RULES + "  - {op: reshape, pattern: 'weight', shape: [99999999999999999999999]}\n"
+    )
+    assert_clean_failure(run_cli("apply", rules, "--dry-run"), 1, "reshape")

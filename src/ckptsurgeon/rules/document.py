@@ -120,7 +120,24 @@ def load_rules(path: str | os.PathLike) -> RulesFile:
         raise RulesError(f"{path}: no such rules file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RulesError(f"{path}: cannot read: {exc}") from None
-    return validate_document(yamlnodes.parse(text, path))
+    located = yamlnodes.parse(text, path)
+    rules = validate_document(located)
+    _check_target_given(rules, located)
+    return rules
+
+
+def _check_target_given(rules: RulesFile, located: yamlnodes.Located) -> None:
+    """A file's reinit/fill ops take fresh values from its target; without one they could
+    only fail at apply time (or, marked optional, quietly do nothing). The Python API
+    passes its target beside the rules, so only files are held to this."""
+    if rules.target is not None:
+        return
+    for i, op in enumerate(rules.rules):
+        if op.needs_target:
+            raise RulesError(
+                f"invalid rules file:\n  {located.where(('rules', i))}: rules[{i}] ({op.op}): "
+                "needs a target (target.model, target.checkpoint or target.manifest)"
+            )
 
 
 def parse_rules(rules: list[dict[str, Any]] | dict[str, Any], where: str = "<rules>") -> RulesFile:

@@ -58,6 +58,7 @@ class Op(Strict):
 
     optional: bool = Field(False, description="allow this op to match no key")
     verb: ClassVar[str] = ""
+    needs_target: ClassVar[bool] = False  # takes fresh values from the rules file's target
 
     def run(self, table: Table, ctx: Context) -> Table:
         """Apply the op, failing (FitError) when it matched nothing and is not optional."""
@@ -156,6 +157,11 @@ class Rename(Op):
     pattern: Pattern
     replace: str
 
+    @model_validator(mode="after")
+    def _template_fits(self) -> Rename:
+        check_template(self.pattern, self.replace)
+        return self
+
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
         def new(name: str) -> str | None:
             return self.regex.sub(self.replace, name) if self.regex.search(name) else None
@@ -232,7 +238,7 @@ class TensorOp(Op):
                     ref = self.transform(name, ref, ctx)
                 except FitError:
                     raise
-                except (RuntimeError, ValueError, IndexError) as exc:
+                except (RuntimeError, ValueError, IndexError, OverflowError) as exc:
                     raise FitError(f"{ctx.where}: {name!r} {list(ref.shape)}: {exc}") from None
             out[name] = ref
         return out, matched
@@ -284,6 +290,15 @@ class Reshape(TensorOp):
         )
 
 
+def check_template(pattern: str, template: str) -> None:
+    """ValueError if ``template`` refers to a group ``pattern`` does not have (caught when
+    the rules file is validated, not when a key first matches)."""
+    try:
+        re.compile(pattern).sub(template, "")  # parses the template even with no match
+    except (re.error, IndexError) as exc:
+        raise ValueError(f"template {template!r}: {exc}") from None
+
+
 def _expand(match: re.Match[str], template: str, ctx: Context) -> str:
     try:
         return match.expand(template)
@@ -306,6 +321,8 @@ class Split(Op):
     def _sizes_match(self) -> Split:
         if self.sizes is not None and len(self.sizes) != len(self.into):
             raise ValueError(f"sizes has {len(self.sizes)} entries but into has {len(self.into)}")
+        for template in self.into:
+            check_template(self.pattern, template)
         return self
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
@@ -367,6 +384,7 @@ class Merge(Op):
             raise ValueError(f"group {self.group}: the pattern has {compiled.groups} groups")
         if isinstance(self.group, str) and self.group not in compiled.groupindex:
             raise ValueError(f"group {self.group!r} is not a named group of the pattern")
+        check_template(self.pattern, self.into)
         return self
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
@@ -423,6 +441,11 @@ class Copy(Op):
     op: Literal["copy"] = "copy"
     pattern: Pattern
     replace: str
+
+    @model_validator(mode="after")
+    def _template_fits(self) -> Copy:
+        check_template(self.pattern, self.replace)
+        return self
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
         entries = [(name, ref, name) for name, ref in table.items()]
@@ -513,6 +536,7 @@ class _FromTarget(Op):
     """Ops that take fresh values from the target (its own initialisation, or ``init``)."""
 
     nothing_found: ClassVar[str] = ""
+    needs_target: ClassVar[bool] = True
 
     pattern: Pattern | None = None
     init: InitName | None = Field(
