@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import assert_clean_failure
 
+from ckptsurgeon.formats import open_checkpoint
+
 RULES = """\
 version: 1
 source: src.pt
@@ -347,3 +349,38 @@ def test_absurd_sizes_are_a_clean_fit_error(project: Path, run_cli) -> None:
         RULES + "  - {op: reshape, pattern: 'weight', shape: [99999999999999999999999]}\n"
     )
     assert_clean_failure(run_cli("apply", rules, "--dry-run"), 1, "reshape")
+
+
+def test_apply_takes_key_and_allow_global(project: Path, run_cli) -> None:
+    """As every command that reads a checkpoint does (SPEC); --source replaces the file's
+    whole source entry, so its key does not follow the path to another file."""
+    import argparse
+
+    state = torch.load(project / "src.pt", weights_only=True)
+    ema = {k: v + 1 for k, v in state.items()}
+    torch.save(
+        {"state_dict": state, "state_dict_ema": ema, "args": argparse.Namespace(lr=1)},
+        project / "train.pt",
+    )
+    rules = project / "rules.yaml"
+    rules.write_text(RULES.replace("source: src.pt", "source: {path: train.pt, key: state_dict}"))
+    out = project / "out.safetensors"
+    assert_clean_failure(run_cli("apply", rules), 3, "--allow-global argparse.Namespace")
+    proc = run_cli(
+        "apply", rules, "--allow-global", "argparse.Namespace", "--key", "state_dict_ema", "-q"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(open_checkpoint(out).tensors["weight"].load(), ema["module.weight"])
+    proc = run_cli("apply", rules, "--source", project / "src.pt", "-q")  # no state_dict there
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(open_checkpoint(out).tensors["weight"].load(), state["module.weight"])
+
+
+def test_a_report_that_cannot_be_written_stops_the_run_first(project: Path, run_cli) -> None:
+    rules = project / "rules.yaml"
+    out = project / "out.safetensors"
+    assert_clean_failure(
+        run_cli("apply", rules, "--report", project / "nope" / "r.json"), 2, "no folder"
+    )
+    assert_clean_failure(run_cli("apply", rules, "--report", out), 2, "would overwrite the output")
+    assert not out.exists()

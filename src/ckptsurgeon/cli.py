@@ -202,6 +202,7 @@ def convert(
 @click.option("--no-finetune", is_flag=True, help="Skip the finetune: section, if any.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no plan table.")
 @click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
+@source_options
 @handle_errors
 def apply(
     rules_file: str,
@@ -213,6 +214,8 @@ def apply(
     no_finetune: bool,
     quiet: bool,
     no_fsync: bool,
+    key: str | None,
+    allow_globals: tuple[str, ...],
 ) -> None:
     """Load, rewrite by the rules, check against the target, write."""
     with _hashing_ahead(None if dry_run else _source_of(rules_file, source)) as prehashed:
@@ -234,6 +237,8 @@ def apply(
                     report_path=report_path,
                     durable=not no_fsync,
                     prehashed=prehashed,
+                    key=key,
+                    allow_globals=allow_globals,
                 )
         except PlanFailed as exc:
             _emit_report(exc.report, as_json, report_path, show=as_json)
@@ -294,9 +299,18 @@ def _log_for(as_json: bool) -> Callable[[str], None]:
 
 def _emit_report(report: dict, as_json: bool, path: str | None, show: bool) -> None:
     if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        from ckptsurgeon.errors import OutputError
+        from ckptsurgeon.formats.writer import atomic_path
+
+        try:
+            with (
+                atomic_path(path, is_dir=False, durable=False) as tmp,
+                open(tmp, "w", encoding="utf-8") as f,
+            ):
+                json.dump(report, f, indent=2)
+                f.write("\n")
+        except OSError as exc:
+            raise OutputError(f"writing the report {path} failed: {exc.strerror or exc}") from None
     if show and as_json:
         _print_json(report)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ckptsurgeon.api import provenance
@@ -32,20 +33,26 @@ def apply_rules(
     log=print,
     report_path: str | None = None,
     prehashed: SourceDigests | None = None,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Plan, check and (unless ``dry_run``) write, then run the ``finetune:`` section if the
     file has one and ``finetune`` is true; returns the report.
 
     Raises PlanFailed (exit 1) when the result does not fit the target; nothing is written.
     ``report_path`` (where the caller will write the report) is refused, like the output,
-    when it would overwrite an input. ``prehashed``: see :func:`write_checkpoint`.
+    when it would overwrite an input or the output, or has no folder to go to.
+    ``prehashed``: see :func:`write_checkpoint`; ``key``, ``allow_globals``: see
+    :func:`make_plan`.
     """
     started = time.perf_counter()
-    plan = make_plan(rules, base_dir, source=source, output=output)
+    plan = make_plan(
+        rules, base_dir, source=source, output=output, key=key, allow_globals=allow_globals
+    )
     planned = time.perf_counter()
     inputs = [plan.source.path, *plan.source.files, *_target_files(rules, base_dir)]
     if report_path is not None:
-        refuse_overwriting_inputs(report_path, inputs, what="--report")
+        _check_report_path(report_path, inputs, plan.output)
     report = plan.report(dry_run=dry_run)
     if plan.check is not None and not plan.check.ok:
         raise PlanFailed(
@@ -88,6 +95,19 @@ def apply_rules(
     return report
 
 
+def _check_report_path(report_path: str, inputs: list[str], output: str | None) -> None:
+    """Refuse, before anything is written, a report that would land on an input or on the
+    output, or in a folder that does not exist (the write would fail after the output)."""
+    refuse_overwriting_inputs(report_path, inputs, what="--report")
+    if output is not None:
+        report, out = os.path.realpath(report_path), os.path.realpath(output)
+        if report == out or report.startswith(out + os.sep):
+            raise UsageError(f"--report {report_path} would overwrite the output {output}")
+    folder = os.path.dirname(os.path.abspath(report_path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--report {report_path}: no folder {folder}")
+
+
 def _target_files(rules: RulesFile, base_dir: str) -> list[str]:
     """The reference checkpoint or manifest a target names: inputs too."""
     target = rules.target
@@ -107,6 +127,8 @@ def apply_file(
     log=print,
     report_path: str | None = None,
     prehashed: SourceDigests | None = None,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
 ) -> dict[str, Any]:
     """``ckptsurgeon apply RULES.yaml``: paths in the file resolve against its folder."""
     rules_path = os.fspath(rules_path)
@@ -126,4 +148,6 @@ def apply_file(
         log=log,
         report_path=report_path,
         prehashed=prehashed,
+        key=key,
+        allow_globals=allow_globals,
     )

@@ -8,6 +8,7 @@ Nothing is written unless the whole plan is valid.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,17 +98,24 @@ def make_plan(
     *,
     source: str | None = None,
     output: str | None = None,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
 ) -> Plan:
     """Open the source, run the rules, apply the output dtype, and check against the target.
 
     ``source``/``output`` override the rules file's (already resolved against the working
-    directory by the caller).
+    directory by the caller). A ``source`` given here replaces the file's whole ``source:``
+    entry, its ``key`` and ``allow_globals`` included (they describe that other file);
+    ``key`` and ``allow_globals`` given here apply either way.
     """
     spec = rules.source_spec
     if source is None and spec is None:
         raise UsageError("no source: give source: in the rules file or --source")
-    src_path = source if source is not None else resolve(spec.path, base_dir)
-    ckpt = open_checkpoint(src_path, spec.key if spec else None, spec.allow_globals if spec else ())
+    if source is None and spec is not None:
+        source = resolve(spec.path, base_dir)
+        key = key if key is not None else spec.key
+        allow_globals = [*spec.allow_globals, *allow_globals]
+    ckpt = open_checkpoint(source, key, allow_globals)
     target = resolve_target(rules.target, base_dir) if rules.target else None
 
     table, dropped = run_rules(rules, ckpt.tensors, target)
