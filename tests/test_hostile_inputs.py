@@ -1015,3 +1015,32 @@ def test_a_dtype_safetensors_cannot_hold_is_a_usage_error(tmp_path: Path, run_cl
     proc = run_cli("convert", tmp_path / "q.pt", tmp_path / "q.safetensors")
     assert_clean_failure(proc, 2, "cannot be stored in safetensors; write a .pt output")
     assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_numpy_values_and_paths_load_once_admitted(tmp_path: Path) -> None:
+    """What torch's docs admit for such checkpoints (numpy rebuilders, dtype classes, paths)
+    can be admitted here too, each refusal naming the next global to admit."""
+    import numpy as np
+
+    weights = {"w": torch.ones(2)}
+    extras = {"best_acc": np.float64(0.5), "log_dir": Path("/runs/1")}
+    torch.save({"state_dict": weights, **extras}, tmp_path / "np.pt")
+    admitted: list[str] = []
+    for _ in range(8):
+        try:
+            ckpt = open_checkpoint(tmp_path / "np.pt", allow_globals=admitted)
+            break
+        except UnsafeInputError as exc:
+            advice = str(exc).split("pass ", 1)[1].split()
+            admitted += [advice[i + 1] for i, word in enumerate(advice) if word == "--allow-global"]
+    else:
+        pytest.fail(f"still refused after admitting {admitted}")
+    assert "numpy._core.multiarray.scalar" in admitted
+    assert "pathlib.PosixPath" in admitted
+    assert_same_tensors(materialise(ckpt.tensors), weights)
+
+
+@pytest.mark.parametrize("name", ["numpy.load", "torch.load", "numpy.save", "os.system"])
+def test_functions_are_never_admitted(name: str) -> None:
+    with pytest.raises(UsageError, match=r"never admitted|only classes can be admitted"):
+        open_checkpoint("unused.pt", allow_globals=[name])

@@ -26,19 +26,31 @@ BLOCKED_MODULES = frozenset({
     "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "shutil",
     "importlib", "pickle", "_pickle", "copyreg", "marshal", "types", "socket", "ctypes",
     "runpy", "code", "codeop", "pty", "platform", "webbrowser", "multiprocessing", "signal",
-    "functools", "operator", "io", "_io", "tempfile", "pathlib", "glob", "asyncio",
+    "functools", "operator", "io", "_io", "tempfile", "glob", "asyncio",
     "torch.jit", "torch._C", "torch.ops", "torch.hub", "torch.serialization", "numpy.lib",
 })  # fmt: skip
 
+# Functions that may be admitted by name: numpy's array and scalar rebuilders, which torch's
+# documentation names for checkpoints holding numpy values. They build data and call nothing
+# else; any other admitted global must be a class (constructing it is all a pickle can do).
+ADMISSIBLE_FUNCTIONS = frozenset({
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+})  # fmt: skip
+
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+# A class the unpickler was asked to build (numpy's dtype classes, say), which the static scan
+# cannot see because it is reached through another admitted global.
+_BUILT_IN_MESSAGE = re.compile(r"but got <class '([\w.]+)'>")
 
 
-def resolve_allowed_globals(names: Iterable[str]) -> list[type]:
-    """Turn ``module.Name`` strings into the classes they name.
+def resolve_allowed_globals(names: Iterable[str]) -> list[Any]:
+    """Turn ``module.Name`` strings into the classes (or :data:`ADMISSIBLE_FUNCTIONS`) they
+    name.
 
-    Raises UsageError for a malformed name, a blocked module or anything but a class.
+    Raises UsageError for a malformed name, a blocked module or any other function.
     """
-    classes: list[type] = []
+    classes: list[Any] = []
     for full in names:
         module_name, _, attr = full.rpartition(".")
         if not module_name or not attr:
@@ -52,8 +64,10 @@ def resolve_allowed_globals(names: Iterable[str]) -> list[type]:
             obj = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError):
             raise UsageError(f"--allow-global {full}: no such class importable here") from None
-        if not isinstance(obj, type):
+        if not isinstance(obj, type) and full not in ADMISSIBLE_FUNCTIONS:
             raise UsageError(f"--allow-global {full}: only classes can be admitted, not {obj!r}")
+        if _is_blocked(getattr(obj, "__module__", None) or module_name):  # a re-export
+            raise UsageError(f"--allow-global {full}: defined in {obj.__module__}, never admitted")
         classes.append(obj)
     return classes
 
@@ -219,7 +233,7 @@ def load_pickle(path: str, allow_globals: Iterable[str] = ()) -> Any:
         except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError):
             names = []
         named = [n for n in names if not n.startswith(("torch.", "collections.", "_codecs."))]
-        match = _GLOBAL_IN_MESSAGE.search(str(exc))
+        match = _GLOBAL_IN_MESSAGE.search(str(exc)) or _BUILT_IN_MESSAGE.search(str(exc))
         if match and match.group(1) not in named:
             named.insert(0, match.group(1))  # what torch itself refused comes first
         if named:
@@ -262,7 +276,7 @@ def _unsafe(path: str, names: list[str]) -> UnsafeInputError:
     return UnsafeInputError(message)
 
 
-def _refuse_unsafe_globals(path: str, allowed: list[type]) -> None:
+def _refuse_unsafe_globals(path: str, allowed: list[Any]) -> None:
     """Name every unsafe global at once (zip format only; read statically, nothing runs).
 
     torch's static scan reads protocol-2 pickles only (what ``torch.save`` writes by
