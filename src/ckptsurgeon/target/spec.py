@@ -1,7 +1,8 @@
 """Targets: what a result must load into, and where fresh values for it come from.
 
-A model target is built on the meta device, so even a 7B-parameter model costs no memory;
-only the modules whose values are re-initialised are materialised, one at a time.
+A model target is built on the meta device, so even a 7B-parameter model costs no memory
+(one whose constructor cannot run there is built on the CPU and then moved to it); only the
+modules whose values are re-initialised are materialised, one at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from ckptsurgeon.errors import FitError, InputError, UsageError
 from ckptsurgeon.formats.table import TensorRef, dtype_name, parse_dtype
 from ckptsurgeon.rules.config import TargetSpec
+from ckptsurgeon.rules.document import resolve
 
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -55,17 +57,14 @@ class TargetInfo:
 def load_callable(spec: str, base_dir: str | None = None) -> Callable[..., Any]:
     """Resolve ``"pkg.module:callable"`` or ``"path/to/file.py:callable"``.
 
-    Relative file paths resolve against ``base_dir`` (the rules file's folder).
+    A file path may start with ``~``; a relative one resolves against ``base_dir`` (the
+    rules file's folder), or the working directory when there is none.
     """
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise UsageError(f"target {spec!r}: expected 'pkg.module:callable' or 'file.py:callable'")
     if module_part.endswith(".py"):
-        path = (
-            module_part
-            if os.path.isabs(module_part)
-            else os.path.join(base_dir or ".", module_part)
-        )
+        path = _resolve_path(module_part, base_dir)
         if not os.path.isfile(path):
             raise UsageError(f"target {spec!r}: no file {path}")
         name = f"ckptsurgeon_user_{abs(hash(os.path.abspath(path)))}"
@@ -92,34 +91,101 @@ def load_callable(spec: str, base_dir: str | None = None) -> Callable[..., Any]:
     return obj
 
 
+def _resolve_path(path: str, base_dir: str | None) -> str:
+    """A path from a rules file (against its folder ``base_dir``) or from the command line
+    (against the working directory, when ``base_dir`` is None); ``~`` is expanded either way,
+    as for ``source`` and ``output``."""
+    return resolve(path, base_dir) if base_dir is not None else os.path.expanduser(path)
+
+
 def build_model(
     spec: str, kwargs: dict[str, Any], base_dir: str | None = None, device: str = "meta"
 ) -> nn.Module:
-    """Construct the target model (on the meta device by default).
+    """Construct the target model on ``device`` (the meta device by default).
 
     A transformers model class is built from its config class: ``kwargs`` are the config's
-    fields, as in ``BertForSequenceClassification(BertConfig(**kwargs))``.
+    fields, as in ``BertForSequenceClassification(BertConfig(**kwargs))``. For the meta
+    device, a model that cannot be built there is built on the CPU and moved to it (see
+    :func:`build_meta_model`).
+    """
+    if device == "meta":
+        return build_meta_model(spec, kwargs, base_dir)[0]
+    factory = load_callable(spec, base_dir)
+    try:
+        model = _construct(factory, kwargs, device)
+    except Exception as exc:
+        raise UsageError(f"target {spec!r}: constructing it failed: {_describe(exc)}") from None
+    return _checked_module(spec, model)
+
+
+def build_meta_model(
+    spec: str, kwargs: dict[str, Any], base_dir: str | None = None
+) -> tuple[nn.Module, list[str]]:
+    """The target model on the meta device, and notes on how it got there.
+
+    Building on the meta device costs no memory, but some constructors read values back
+    from tensors they create (torchvision's ``regnet_*``). Those are built on the CPU
+    instead, which costs the model's full size while it is built, then moved to the meta
+    device; the returned note says so. Raises UsageError when both ways fail.
     """
     factory = load_callable(spec, base_dir)
-    config_class = getattr(factory, "config_class", None)
     try:
-        with torch.device(device):
-            if isinstance(factory, type) and config_class is not None:
-                model = factory(config_class(**kwargs))
-            else:
-                model = factory(**kwargs)
+        return _checked_module(spec, _construct(factory, kwargs, "meta")), []
+    except UsageError:
+        raise  # built, but not a module: the CPU would give the same
     except Exception as exc:
-        raise UsageError(
-            f"target {spec!r}: constructing it failed: {type(exc).__name__}: {exc}"
-        ) from None
+        meta_error = _describe(exc)
+    try:
+        model = _checked_module(spec, _construct(factory, kwargs, "cpu"))
+    except UsageError:
+        raise
+    except Exception as exc:
+        cpu_error = _describe(exc)
+        where = (
+            meta_error
+            if cpu_error == meta_error
+            else f"on the meta device: {meta_error}; on the CPU: {cpu_error}"
+        )
+        raise UsageError(f"target {spec!r}: constructing it failed: {where}") from None
+    model.to("meta")  # frees the CPU copy: the target only ever needs shapes and dtypes
+    note = (
+        f"target {spec!r} cannot be built on the meta device ({meta_error}); it was built "
+        "on the CPU instead, which takes the model's full size in memory while it is built"
+    )
+    return model, [note]
+
+
+def _construct(factory: Callable[..., Any], kwargs: dict[str, Any], device: str) -> Any:
+    """Call ``factory`` with ``kwargs``, creating its tensors on ``device``."""
+    config_class = getattr(factory, "config_class", None)
+    with torch.device(device):
+        if isinstance(factory, type) and config_class is not None:
+            return factory(config_class(**kwargs))
+        return factory(**kwargs)
+
+
+def _checked_module(spec: str, model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UsageError(f"target {spec!r}: returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def expected_from_model(model: nn.Module) -> Expected:
-    """What ``model.load_state_dict(strict=True)`` expects: parameters and persistent buffers."""
-    return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
+    """The tensors ``model.load_state_dict(strict=True)`` expects: parameters, persistent
+    buffers, and extra state that ``get_extra_state`` returns as a tensor.
+
+    Extra state that is not a tensor has no shape or dtype and is left out here; the strict
+    check asks the model for it (see :func:`ckptsurgeon.target.check.extra_state_names`).
+    """
+    return {
+        name: (tuple(t.shape), t.dtype)
+        for name, t in model.state_dict(keep_vars=True).items()
+        if isinstance(t, torch.Tensor)
+    }
 
 
 def expected_from_manifest(path: str) -> Expected:
@@ -141,22 +207,21 @@ def expected_from_manifest(path: str) -> Expected:
 def resolve_target(spec: TargetSpec, base_dir: str | None = None) -> TargetInfo:
     """Turn a validated ``target:`` section into a :class:`TargetInfo`."""
 
-    def rel(p: str) -> str:
-        return p if os.path.isabs(p) or base_dir is None else os.path.join(base_dir, p)
-
     if spec.model:
-        model = build_model(spec.model, spec.kwargs, base_dir)
-        return TargetInfo(f"model {spec.model}", expected_from_model(model), model)
+        model, notes = build_meta_model(spec.model, spec.kwargs, base_dir)
+        return TargetInfo(f"model {spec.model}", expected_from_model(model), model, notes)
     if spec.checkpoint:
         from ckptsurgeon.formats.reader import open_checkpoint
 
-        ckpt = open_checkpoint(rel(spec.checkpoint), spec.key)
+        ckpt = open_checkpoint(_resolve_path(spec.checkpoint, base_dir), spec.key)
         return TargetInfo(
             f"checkpoint {spec.checkpoint}",
             {n: (r.shape, r.dtype) for n, r in ckpt.tensors.items()},
         )
     assert spec.manifest
-    return TargetInfo(f"manifest {spec.manifest}", expected_from_manifest(rel(spec.manifest)))
+    return TargetInfo(
+        f"manifest {spec.manifest}", expected_from_manifest(_resolve_path(spec.manifest, base_dir))
+    )
 
 
 def target_from_cli(spec: str, kwargs_json: str | None, key: str | None = None) -> TargetInfo:
@@ -174,7 +239,7 @@ def target_spec_from_cli(spec: str, kwargs_json: str | None, key: str | None = N
             raise UsageError(f"--kwargs: not JSON: {exc}") from None
         if not isinstance(kwargs, dict):
             raise UsageError("--kwargs: must be a JSON object")
-    if os.path.exists(spec):
+    if os.path.exists(os.path.expanduser(spec)):
         if spec.endswith(".json") and not spec.endswith(".index.json"):
             return TargetSpec(manifest=spec)
         return TargetSpec(checkpoint=spec, key=key)
