@@ -384,3 +384,19 @@ def test_a_report_that_cannot_be_written_stops_the_run_first(project: Path, run_
     )
     assert_clean_failure(run_cli("apply", rules, "--report", out), 2, "would overwrite the output")
     assert not out.exists()
+
+
+def test_allow_global_reaches_a_reference_checkpoint_target(project: Path, run_cli) -> None:
+    """``--allow-global`` names trusted classes: the --target checkpoint (or B) gets them too."""
+    import argparse
+
+    state = {"weight": torch.ones(2, 4), "bias": torch.zeros(2)}
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=1)}, project / "ref.pth")
+    torch.save(state, project / "mine.pt")
+    flag = ("--allow-global", "argparse.Namespace")
+    assert_clean_failure(run_cli("check", project / "mine.pt", "--target", project / "ref.pth"), 3)
+    assert (
+        run_cli("check", project / "mine.pt", "--target", project / "ref.pth", *flag).returncode
+        == 0
+    )
+    assert run_cli("diff", project / "mine.pt", project / "ref.pth", *flag).returncode == 0

@@ -141,5 +141,5 @@ def check(
     from ckptsurgeon.target.check import check_table
     from ckptsurgeon.target.spec import target_from_cli
 
-    info = target_from_cli(target, json.dumps(kwargs) if kwargs else None)
+    info = target_from_cli(target, json.dumps(kwargs) if kwargs else None, allow_globals)
     return check_table(open_checkpoint(path, key, allow_globals).tensors, info)

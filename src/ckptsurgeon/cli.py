@@ -334,7 +334,7 @@ def check(
     from ckptsurgeon.target.check import check_table
     from ckptsurgeon.target.spec import target_from_cli
 
-    info = target_from_cli(target, kwargs)
+    info = target_from_cli(target, kwargs, allow_globals)
     result = check_table(open_checkpoint(path, key, allow_globals).tensors, info)
     if as_json:
         _print_json(result.to_dict())
@@ -385,7 +385,7 @@ def diff(
         raise UsageError("--kwargs goes with --target")
     if b is not None and ":" not in b and not os.path.exists(b):
         raise InputError(f"{b}: no such file or folder")
-    spec = target_spec_from_cli(b if b is not None else str(target), kwargs)
+    spec = target_spec_from_cli(b if b is not None else str(target), kwargs, allow_globals)
     ckpt = open_checkpoint(a, key, allow_globals)
     report = compare(ckpt, resolve_target(spec))
     result: dict[str, Any] = report.to_dict()

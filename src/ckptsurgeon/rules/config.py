@@ -75,6 +75,9 @@ class TargetSpec(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     key: str | None = Field(None, description="container inside a reference checkpoint")
+    allow_globals: list[str] = Field(
+        default_factory=list, description="module.Name classes admitted in its pickle"
+    )
     manifest: str | None = Field(None, description="JSON printed by `inspect --json`")
 
     @model_validator(mode="after")
@@ -84,6 +87,8 @@ class TargetSpec(Strict):
             raise ValueError("target needs exactly one of model, checkpoint, manifest")
         if self.kwargs and not self.model:
             raise ValueError("kwargs only go with target.model")
+        if (self.key or self.allow_globals) and not self.checkpoint:
+            raise ValueError("key and allow_globals only go with target.checkpoint")
         return self
 
 

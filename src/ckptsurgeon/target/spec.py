@@ -12,7 +12,7 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,7 +213,9 @@ def resolve_target(spec: TargetSpec, base_dir: str | None = None) -> TargetInfo:
     if spec.checkpoint:
         from ckptsurgeon.formats.reader import open_checkpoint
 
-        ckpt = open_checkpoint(_resolve_path(spec.checkpoint, base_dir), spec.key)
+        ckpt = open_checkpoint(
+            _resolve_path(spec.checkpoint, base_dir), spec.key, spec.allow_globals
+        )
         return TargetInfo(
             f"checkpoint {spec.checkpoint}",
             {n: (r.shape, r.dtype) for n, r in ckpt.tensors.items()},
@@ -224,13 +226,19 @@ def resolve_target(spec: TargetSpec, base_dir: str | None = None) -> TargetInfo:
     )
 
 
-def target_from_cli(spec: str, kwargs_json: str | None, key: str | None = None) -> TargetInfo:
+def target_from_cli(
+    spec: str, kwargs_json: str | None, allow_globals: Iterable[str] = ()
+) -> TargetInfo:
     """``--target SPEC [--kwargs JSON]``: a model spec, a checkpoint, or a manifest file."""
-    return resolve_target(target_spec_from_cli(spec, kwargs_json, key))
+    return resolve_target(target_spec_from_cli(spec, kwargs_json, allow_globals))
 
 
-def target_spec_from_cli(spec: str, kwargs_json: str | None, key: str | None = None) -> TargetSpec:
-    """The ``target:`` section that ``--target SPEC [--kwargs JSON]`` stands for."""
+def target_spec_from_cli(
+    spec: str, kwargs_json: str | None, allow_globals: Iterable[str] = ()
+) -> TargetSpec:
+    """The ``target:`` section that ``--target SPEC [--kwargs JSON]`` stands for; a reference
+    checkpoint admits the command's ``--allow-global`` classes too (they name trusted
+    classes, not one file), while its container is found on its own (``--key`` is PATH's)."""
     kwargs: dict[str, Any] = {}
     if kwargs_json:
         try:
@@ -242,7 +250,7 @@ def target_spec_from_cli(spec: str, kwargs_json: str | None, key: str | None = N
     if os.path.exists(os.path.expanduser(spec)):
         if spec.endswith(".json") and not spec.endswith(".index.json"):
             return TargetSpec(manifest=spec)
-        return TargetSpec(checkpoint=spec, key=key)
+        return TargetSpec(checkpoint=spec, allow_globals=list(allow_globals))
     if ":" in spec:
         return TargetSpec(model=spec, kwargs=kwargs)
     raise UsageError(f"--target {spec!r}: not a file, and not 'pkg.module:callable'")
