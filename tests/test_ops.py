@@ -238,3 +238,26 @@ def test_unknown_fields_and_bad_regex_are_rules_errors() -> None:
         parse_rules([{"op": "drop", "pattern": "("}])
     with pytest.raises(RulesError, match="unknown op 'frobnicate'"):
         parse_rules([{"op": "frobnicate"}])
+
+
+def test_fill_missing_copies_a_tied_weight_instead_of_overwriting_it() -> None:
+    """A GPT-2 state dict as save_pretrained writes it has no lm_head.weight (tied to the
+    embedding): filling it with fresh values would overwrite the trained embedding when
+    load_state_dict writes the later key into the shared parameter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=8)
+    trained = GPT2LMHeadModel(config)
+    state = {k: v for k, v in trained.state_dict().items() if k != "lm_head.weight"}
+    target = TargetInfo(
+        "model", expected_from_model(GPT2LMHeadModel(config)), GPT2LMHeadModel(config)
+    )
+    out, _ = run(
+        [{"op": "fill_missing"}],
+        table(**{k.replace(".", "__"): v for k, v in state.items()}),
+        target,
+    )
+    assert "tied in the target" in out["lm_head.weight"].actions[-1]
+    fresh = GPT2LMHeadModel(config)
+    fresh.load_state_dict(materialise(out), strict=True)
+    assert torch.equal(fresh.transformer.wte.weight, state["transformer.wte.weight"])

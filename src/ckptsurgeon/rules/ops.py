@@ -588,10 +588,38 @@ class FillMissing(_FromTarget):
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
         expected = ctx.target.expected if ctx.target else {}
         names = self._selected(n for n in expected if n not in table)
-        fresh = self._fresh(names, ctx) if names else {}
+        copies = self._tied_partners(names, table, ctx.target.tied if ctx.target else {})
+        own = [n for n in names if n not in copies]
+        fresh = self._fresh(own, ctx) if own else {}
         out = dict(table)
-        out.update({n: fresh[n].with_action("filled") for n in names})
+        out.update({n: fresh[n].with_action("filled") for n in own})
+        for name, partner in copies.items():
+            out[name] = out[partner].with_action(f"filled from {partner} (tied in the target)")
         return out, len(names)
+
+    @staticmethod
+    def _tied_partners(
+        names: list[str], table: Table, tied: dict[str, tuple[str, ...]]
+    ) -> dict[str, str]:
+        """The name each missing ``names`` entry copies: one the model ties it to (GPT-2's
+        ``lm_head.weight`` is ``transformer.wte.weight``). ``load_state_dict`` writes both
+        into one parameter, the later one last, so fresh values there would overwrite the
+        trained ones. A tied name the table has comes first; else the group's first missing
+        name is made fresh and the others copy it."""
+        copies: dict[str, str] = {}
+        leaders: dict[tuple[str, ...], str] = {}
+        for name in names:
+            group = tied.get(name)
+            if group is None:
+                continue
+            present = next((p for p in group if p in table), None)
+            if present is not None:
+                copies[name] = present
+            elif group in leaders:
+                copies[name] = leaders[group]
+            else:
+                leaders[group] = name
+        return copies
 
 
 def _op_union() -> Any:

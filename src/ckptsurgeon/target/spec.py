@@ -7,6 +7,7 @@ modules whose values are re-initialised are materialised, one at a time.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -35,6 +36,18 @@ class TargetInfo:
     expected: Expected
     model: nn.Module | None = None  # on the meta device
     notes: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def tied(self) -> dict[str, tuple[str, ...]]:
+        """For each name whose tensor the model shares with other names (tied embeddings),
+        every name sharing it, in state-dict order; empty without a model."""
+        if self.model is None:
+            return {}
+        groups: dict[int, list[str]] = {}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if isinstance(t, torch.Tensor):
+                groups.setdefault(id(t), []).append(name)
+        return {n: tuple(g) for g in groups.values() if len(g) > 1 for n in g}
 
     def initial(
         self, names: list[str], seed: int, init: str | None, where: str
