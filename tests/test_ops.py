@@ -261,3 +261,24 @@ def test_fill_missing_copies_a_tied_weight_instead_of_overwriting_it() -> None:
     fresh = GPT2LMHeadModel(config)
     fresh.load_state_dict(materialise(out), strict=True)
     assert torch.equal(fresh.transformer.wte.weight, state["transformer.wte.weight"])
+
+
+def test_reinit_mismatched_keeps_what_load_state_dict_accepts() -> None:
+    """A [1] tensor loads into a 0-dim parameter (CLIP's logit_scale is often stored so):
+    not a mismatch, so its trained value is kept."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))
+            self.proj = torch.nn.Linear(2, 3)
+
+    model = Scaled()
+    target = TargetInfo("model", expected_from_model(model), model)
+    t = table(
+        logit_scale=torch.tensor([4.6052]), proj__weight=torch.ones(5, 2), proj__bias=torch.ones(3)
+    )
+    out, _ = run([{"op": "reinit_mismatched"}], t, target)
+    assert torch.equal(out["logit_scale"].load(), torch.tensor([4.6052]))
+    assert out["proj.weight"].shape == (3, 2)
+    Scaled().load_state_dict(materialise(out), strict=True)

@@ -564,9 +564,13 @@ class ReinitMismatched(_FromTarget):
     nothing_found: ClassVar[str] = "no shape mismatch with the target"
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+        from ckptsurgeon.target.check import loads_as_shape
+
         expected = ctx.target.expected if ctx.target else {}
         names = self._selected(
-            n for n, ref in table.items() if n in expected and expected[n][0] != ref.shape
+            n
+            for n, ref in table.items()
+            if n in expected and not loads_as_shape(ref.shape, expected[n][0])
         )
         fresh = self._fresh(names, ctx) if names else {}
         out = {

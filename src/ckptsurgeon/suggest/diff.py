@@ -37,8 +37,10 @@ class DiffReport:
 
     @property
     def identical(self) -> bool:
-        """Same names, shapes and dtypes on both sides."""
-        return self.before.ok and not self.before.dtype
+        """Same names, shapes and dtypes on both sides (more than loading strictly, which
+        allows a few differences torch smooths over: see ``before``)."""
+        mine = {n: (r.shape, r.dtype) for n, r in self.source.tensors.items()}
+        return mine == self.target.expected
 
     @property
     def reconciled(self) -> bool:
@@ -101,7 +103,7 @@ class DiffReport:
         if self.identical:
             lines.append("identical: the same names, shapes and dtypes")
             return lines
-        common = len(self.target.expected) - len(b.missing)
+        common = len(self.target.expected) - len(b.missing) - len(b.filled)
         lines.append(
             f"by name: {common} in common, {len(b.unexpected)} only in A, {len(b.missing)} "
             f"only in B, {len(b.shape)} shapes and {len(b.dtype)} dtypes differ"
