@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_clean_failure
 from safetensors.torch import load_file, save_file
 
 from ckptsurgeon.finetune.config import FinetuneSpec, FreezeSpec, PhaseSpec
@@ -308,3 +308,22 @@ def test_two_processes_with_torchrun(data: Path) -> None:
 def test_cuda_bf16_run(data: Path) -> None:
     summary = run_finetune(spec(data, device="cuda"), digits_cnn(2), base_dir=str(data), log=quiet)
     assert summary["device"].startswith("cuda") and summary["precision"] in ("bf16", "fp16")
+
+
+def test_finetune_reads_weights_with_key_and_allow_global(data: Path, run_cli) -> None:
+    """Every command that reads a checkpoint takes --key and --allow-global (SPEC)."""
+    import argparse
+
+    rules = _rules_file(data, epochs=1)
+    trained = {
+        k: v + 0.5 if v.is_floating_point() else v for k, v in digits_cnn(2).state_dict().items()
+    }
+    other = digits_cnn(2).state_dict()
+    torch.save({"ema": trained, "model": other, "args": argparse.Namespace(lr=1)}, data / "w.ckpt")
+    base = ("finetune", rules, "--weights", data / "w.ckpt")
+    assert_clean_failure(run_cli(*base), 3, "--allow-global argparse.Namespace")
+    proc = run_cli(*base, "--allow-global", "argparse.Namespace", "--key", "ema")
+    assert proc.returncode == 0, proc.stderr
+    assert f"from {data / 'w.ckpt'}" in proc.stdout
+    flag = ("--allow-global", "argparse.Namespace")
+    assert_clean_failure(run_cli(*base, *flag, "--key", "nope"), 2, "--key 'nope'")

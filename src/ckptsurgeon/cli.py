@@ -436,8 +436,16 @@ def schema() -> None:
 @click.option("--resume", is_flag=True, help="Continue from the last completed epoch.")
 @click.option("--weights", default=None, help="Start from these weights (default: the file's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@source_options
 @handle_errors
-def finetune(config: str, resume: bool, weights: str | None, as_json: bool) -> None:
+def finetune(
+    config: str,
+    resume: bool,
+    weights: str | None,
+    as_json: bool,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+) -> None:
     """Run a file's finetune: section alone (torchrun-compatible)."""
     from ckptsurgeon.finetune import finetune_from_rules
     from ckptsurgeon.rules.document import load_rules
@@ -448,6 +456,8 @@ def finetune(config: str, resume: bool, weights: str | None, as_json: bool) -> N
         weights=weights,
         resume=resume,
         log=_log_for(as_json),
+        key=key,
+        allow_globals=allow_globals,
     )
     if as_json:
         _print_json(summary)

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from ckptsurgeon.errors import UsageError
 
 
 def finetune_from_rules(
-    rules, base_dir: str, *, weights: str | None = None, resume: bool = False, log=print
+    rules,
+    base_dir: str,
+    *,
+    weights: str | None = None,
+    resume: bool = False,
+    log=print,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Build the model a rules file's ``finetune:`` names, load its weights, and train it.
 
-    ``weights`` defaults to ``finetune.weights``, then to the rules file's output.
+    ``weights`` defaults to ``finetune.weights``, then to the rules file's output; ``key``
+    and ``allow_globals`` are how to read them (see :func:`ckptsurgeon.load_into`).
     """
     from ckptsurgeon.api import load_into
     from ckptsurgeon.finetune.runner import run_finetune
@@ -42,7 +51,7 @@ def finetune_from_rules(
                 f"finetune weights {weights} do not exist (run apply first, or set "
                 "finetune.weights)"
             )
-        load_into(model, weights)
+        load_into(model, weights, key=key, allow_globals=allow_globals)
         log(f"fine-tuning {model_spec} from {weights}")
     else:
         log(f"fine-tuning {model_spec} from its own initialisation (no weights given)")
