@@ -374,3 +374,32 @@ def suggest_and_apply(folder: Path, source: Path, *target: str) -> list[dict]:
     applied = invoke("apply", rules, "--output", folder / "out.safetensors")
     assert applied.exit_code == 0, applied.output
     return yaml.safe_load(result.stdout)["rules"]
+
+
+def test_fresh_norm_scales_start_at_one_without_a_model(tmp_path: Path) -> None:
+    """Against a manifest there is no model to initialise from: a suggested LayerNorm scale or
+    running variance starts at one (zeros would silence the layer), biases at zero."""
+    from ckptsurgeon.engine.plan import run_rules
+    from ckptsurgeon.suggest import compare
+    from ckptsurgeon.target.spec import TargetInfo
+
+    model = torch.nn.Module()
+    model.proj, model.norm, model.bn = (
+        torch.nn.Linear(4, 4),
+        torch.nn.LayerNorm(4),
+        torch.nn.BatchNorm1d(4),
+    )
+    full = model.state_dict()
+    target = TargetInfo("manifest m", {n: (tuple(t.shape), t.dtype) for n, t in full.items()})
+    torch.save(
+        {"proj.weight": full["proj.weight"], "proj.bias": full["proj.bias"]}, tmp_path / "p.pt"
+    )
+    source = open_checkpoint(tmp_path / "p.pt")
+    report = compare(source, target)
+    assert report.reconciled
+    assert {r.init for r in report.rules.rules if r.op == "fill_missing"} == {"ones", "zeros"}
+    out, _ = run_rules(report.rules, source.tensors, target)
+    for name in ("norm.weight", "bn.weight", "bn.running_var"):
+        assert torch.equal(out[name].load(), torch.ones(4)), name
+    for name in ("norm.bias", "bn.bias", "bn.running_mean"):
+        assert torch.equal(out[name].load(), torch.zeros(4)), name

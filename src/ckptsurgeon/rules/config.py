@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # Initialisations available where there is no model to take them from.
-InitName = Literal["zeros", "normal", "xavier_uniform", "kaiming_uniform"]
+InitName = Literal["zeros", "ones", "normal", "xavier_uniform", "kaiming_uniform"]
 
 FLOAT_DTYPES = (
     "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64", "half",

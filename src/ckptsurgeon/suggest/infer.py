@@ -58,6 +58,12 @@ INTERLEAVED_FUSED = {"query_key_value"}
 
 MAX_DROP_RULES = 12
 
+# 1-D keys that are multiplied in, not added: a norm's scale (LayerNorm, BatchNorm, RMSNorm,
+# GPT-2's ln_1, timm's gamma) or a running variance. Fresh ones start at one, as torch's do.
+_ONES = re.compile(
+    r"(?:^|\.)(?:[^.]*(?:norm|ln|bn)[^.]*\.(?:weight|scale)|gamma|running_var)$", re.IGNORECASE
+)
+
 
 @dataclass
 class Finding:
@@ -553,12 +559,15 @@ class _Inferrer:
     def _fresh(self, op: str, names: list[str], why: str) -> None:
         """reinit_mismatched / fill_missing for ``names``: the model's own initialisation,
         or, with no model to ask (a checkpoint or manifest target), ``normal`` for weights
-        of two or more dimensions and ``zeros`` for the rest."""
+        of two or more dimensions, ``ones`` for what looks like a norm's scale or a running
+        variance (zeros there would silence the layer), and ``zeros`` for the rest."""
         if self.target.model is not None:
             parts: list[tuple[list[str], str | None]] = [(names, None)]
         else:
             weights = [n for n in names if len(self.expected[n][0]) >= 2]
-            parts = [(weights, "normal"), ([n for n in names if n not in set(weights)], "zeros")]
+            scales = [n for n in names if n not in set(weights) and _ONES.search(n)]
+            rest = [n for n in names if n not in {*weights, *scales}]
+            parts = [(weights, "normal"), (scales, "ones"), (rest, "zeros")]
         universe = self.expected if op == "fill_missing" else self.table
         for chosen, init in parts:
             if not chosen:

@@ -62,7 +62,7 @@ _DESCENDANT_BYTES = 256 << 20
 # are made again at write time, so memory holds one module's values, not every module's.
 _KEEP_BYTES = 256 << 20
 
-_GIVE_INIT = "give the op init: zeros | normal | xavier_uniform | kaiming_uniform"
+_GIVE_INIT = "give the op init: zeros | ones | normal | xavier_uniform | kaiming_uniform"
 
 Make = Callable[[torch.Tensor], torch.Tensor]
 
@@ -345,7 +345,9 @@ def from_scheme(
     def load() -> torch.Tensor:
         gen = torch.Generator().manual_seed(derive_seed(seed, name))
         t = torch.zeros(shape, dtype=torch.float32)
-        if init == "normal":
+        if init == "ones":  # norm scales, running variances
+            t.fill_(1.0)
+        elif init == "normal":
             t.normal_(0.0, 0.02, generator=gen)
         elif init in ("xavier_uniform", "kaiming_uniform") and len(shape) >= 2:
             fan_out, fan_in = shape[0], math.prod(shape[1:])

@@ -61,7 +61,7 @@ class TargetInfo:
         if init is None:
             raise FitError(
                 f"{where}: the target is a {self.description} with no model to "
-                "initialise from; give init: zeros | normal | xavier_uniform | "
+                "initialise from; give init: zeros | ones | normal | xavier_uniform | "
                 "kaiming_uniform"
             )
         return {n: initialize.from_scheme(n, *self.expected[n], init, seed) for n in names}
