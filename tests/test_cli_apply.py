@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -400,3 +401,38 @@ def test_allow_global_reaches_a_reference_checkpoint_target(project: Path, run_c
         == 0
     )
     assert run_cli("diff", project / "mine.pt", project / "ref.pth", *flag).returncode == 0
+
+
+def test_report_is_written_through_links_and_pipes(project: Path, run_cli) -> None:
+    rules = project / "rules.yaml"
+    (project / "reports").mkdir()
+    (project / "latest.json").symlink_to(project / "reports" / "r.json")
+    assert run_cli("apply", rules, "--report", project / "latest.json").returncode == 0
+    assert (project / "latest.json").is_symlink()
+    assert json.loads((project / "reports" / "r.json").read_text())["check"]["ok"]
+    os.mkfifo(project / "fifo")
+    proc = subprocess.Popen(["cat", str(project / "fifo")], stdout=subprocess.PIPE)
+    assert run_cli("apply", rules, "--report", project / "fifo").returncode == 0
+    assert json.loads(proc.communicate(timeout=60)[0])["check"]["ok"]
+    assert_clean_failure(run_cli("apply", rules, "--report", project / "reports"), 2, "is a folder")
+
+
+def test_apply_allow_global_reaches_a_reference_checkpoint(project: Path, run_cli) -> None:
+    import argparse
+
+    import ckptsurgeon
+
+    state = {"weight": torch.ones(2, 4), "bias": torch.zeros(2)}
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=1)}, project / "ref.pth")
+    rules = project / "rules.yaml"
+    rules.write_text(
+        RULES.replace(
+            "  model: torch.nn:Linear\n  kwargs: {in_features: 4, out_features: 2}\n",
+            "  checkpoint: ref.pth\n",
+        )
+    )
+    flag = ("--allow-global", "argparse.Namespace")
+    assert_clean_failure(run_cli("apply", rules, "--dry-run"), 3, "argparse.Namespace")
+    assert run_cli("apply", rules, "--dry-run", *flag).returncode == 0
+    report = ckptsurgeon.apply(rules, dry_run=True, allow_globals=["argparse.Namespace"])
+    assert report["check"]["ok"]

@@ -160,15 +160,15 @@ def test_a_negative_narrow_start_counts_from_the_end(source, tmp_path: Path) -> 
     assert torch.equal(got["cast"], tensors["matrix"].half()[-2:-1])
 
 
-def _replace_in_place_keeping_mtime(path: Path) -> None:
-    """Rewrite ``path``'s bytes (same size, same layout) and put its mtime back, as some
-    copy tools do: only the ctime tells."""
+def _rewrite_in_place(path: Path) -> None:
+    """Rewrite ``path``'s bytes (same size, same layout). The mtime is moved on explicitly:
+    the kernel's clock may not have ticked since the file was written."""
     before = os.stat(path)
     data = bytearray(path.read_bytes())
     data[-4:] = b"\x00\x00\x80\x7f"  # +inf in the last float
     with open(path, "r+b") as f:
         f.write(data)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10_000_000))
 
 
 @pytest.mark.parametrize(
@@ -176,7 +176,7 @@ def _replace_in_place_keeping_mtime(path: Path) -> None:
     [
         pytest.param(lambda p: os.truncate(p, os.path.getsize(p) // 2), id="truncated"),
         pytest.param(lambda p: save_file({"other": torch.ones(3)}, p), id="replaced"),
-        pytest.param(_replace_in_place_keeping_mtime, id="rewritten-same-mtime"),
+        pytest.param(_rewrite_in_place, id="rewritten"),
         pytest.param(os.unlink, id="deleted"),
     ],
 )
@@ -198,6 +198,19 @@ def test_a_source_changed_after_planning_is_an_input_error(
         table["big"].load()
 
 
+def test_metadata_changes_to_a_source_are_not_changes(source, tmp_path: Path) -> None:
+    """chmod or a new hard link (backup tools, dedup caches) move the ctime, not the bytes."""
+    path, tensors = source
+    copy = tmp_path / "kept.safetensors"
+    copy.write_bytes(path.read_bytes())
+    table = open_checkpoint(copy).tensors
+    os.chmod(copy, 0o444)
+    os.link(copy, tmp_path / "backup.safetensors")
+    write_checkpoint(table, str(tmp_path / "out.safetensors"))
+    got = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+
+
 def test_a_source_changed_while_copied_is_an_input_error(source, tmp_path: Path, monkeypatch):
     """The identity is checked again once a tensor's bytes are copied."""
     path, _ = source
@@ -208,7 +221,7 @@ def test_a_source_changed_while_copied_is_an_input_error(source, tmp_path: Path,
 
     def copy_then_touch(src: int, span: ByteSpan, fd: int, offset: int, h) -> None:
         real(src, span, fd, offset, h)
-        _replace_in_place_keeping_mtime(copy)
+        _rewrite_in_place(copy)
 
     monkeypatch.setattr(streaming, "_copy_parts", copy_then_touch)
     with pytest.raises(InputError, match="changed since it was read"):

@@ -80,6 +80,8 @@ def apply(
     source: str | None = None,
     output: str | None = None,
     dry_run: bool = False,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
 ) -> dict:
     """Run a rules file as ``ckptsurgeon apply`` does; returns the report (a dict).
 
@@ -88,7 +90,14 @@ def apply(
     """
     from ckptsurgeon.engine.apply import apply_file
 
-    return apply_file(rules, source=source, output=output, dry_run=dry_run)
+    return apply_file(
+        rules,
+        source=source,
+        output=output,
+        dry_run=dry_run,
+        key=key,
+        allow_globals=allow_globals,
+    )
 
 
 def load_into(

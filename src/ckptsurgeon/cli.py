@@ -297,14 +297,22 @@ def _log_for(as_json: bool) -> Callable[[str], None]:
     return functools.partial(click.echo, err=as_json)
 
 
+@contextlib.contextmanager
+def _same(path: str) -> Iterator[str]:
+    yield path
+
+
 def _emit_report(report: dict, as_json: bool, path: str | None, show: bool) -> None:
     if path:
         from ckptsurgeon.errors import OutputError
         from ckptsurgeon.formats.writer import atomic_path
 
+        # A regular file is replaced atomically; a pipe, a link or /dev/stdout is written
+        # through, as a shell redirection would.
+        atomic = not os.path.lexists(path) or (os.path.isfile(path) and not os.path.islink(path))
         try:
             with (
-                atomic_path(path, is_dir=False, durable=False) as tmp,
+                atomic_path(path, is_dir=False, durable=False) if atomic else _same(path) as tmp,
                 open(tmp, "w", encoding="utf-8") as f,
             ):
                 json.dump(report, f, indent=2)
@@ -383,7 +391,7 @@ def diff(
         raise UsageError("diff: give B or --target SPEC (exactly one)")
     if kwargs is not None and target is None:
         raise UsageError("--kwargs goes with --target")
-    if b is not None and ":" not in b and not os.path.exists(b):
+    if b is not None and ":" not in b and not os.path.exists(os.path.expanduser(b)):
         raise InputError(f"{b}: no such file or folder")
     spec = target_spec_from_cli(b if b is not None else str(target), kwargs, allow_globals)
     ckpt = open_checkpoint(a, key, allow_globals)

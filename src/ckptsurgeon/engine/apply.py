@@ -106,6 +106,8 @@ def _check_report_path(report_path: str, inputs: list[str], output: str | None) 
     folder = os.path.dirname(os.path.abspath(report_path))
     if not os.path.isdir(folder):
         raise UsageError(f"--report {report_path}: no folder {folder}")
+    if os.path.isdir(report_path):
+        raise UsageError(f"--report {report_path} is a folder; give a file path")
 
 
 def _target_files(rules: RulesFile, base_dir: str) -> list[str]:

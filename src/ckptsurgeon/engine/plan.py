@@ -106,7 +106,8 @@ def make_plan(
     ``source``/``output`` override the rules file's (already resolved against the working
     directory by the caller). A ``source`` given here replaces the file's whole ``source:``
     entry, its ``key`` and ``allow_globals`` included (they describe that other file);
-    ``key`` and ``allow_globals`` given here apply either way.
+    ``key`` and ``allow_globals`` given here apply either way, and ``allow_globals`` also
+    reach a reference-checkpoint target.
     """
     spec = rules.source_spec
     if source is None and spec is None:
@@ -116,7 +117,13 @@ def make_plan(
         key = key if key is not None else spec.key
         allow_globals = [*spec.allow_globals, *allow_globals]
     ckpt = open_checkpoint(source, key, allow_globals)
-    target = resolve_target(rules.target, base_dir) if rules.target else None
+    target_spec = rules.target
+    if target_spec is not None and target_spec.checkpoint and allow_globals:
+        # They name trusted classes, not one file: the reference checkpoint admits them too,
+        # as in `check` and `diff`.
+        merged = [*target_spec.allow_globals, *allow_globals]
+        target_spec = target_spec.model_copy(update={"allow_globals": merged})
+    target = resolve_target(target_spec, base_dir) if target_spec else None
 
     table, dropped = run_rules(rules, ckpt.tensors, target)
     out_spec = rules.output_spec

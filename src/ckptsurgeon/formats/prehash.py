@@ -9,7 +9,7 @@ module) hashes the source's tensors in file order, and the writer takes each dig
 copies that tensor, or hashes the tensor itself if the thread has not got to it.
 
 A digest is only ever used for the very file it was computed from: each is keyed by the
-file's identity (device, inode, size, mtime and ctime: see
+file's identity (device, inode, size and mtime: see
 :func:`~ckptsurgeon.formats.safetensors_header.file_id`) as well as the byte range, the
 writer looks it up with the identity its span was planned with, and checks that identity
 on the open file before and after copying.

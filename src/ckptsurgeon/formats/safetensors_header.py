@@ -28,13 +28,13 @@ DTYPE_BITS: dict[str, int] = {
 }  # fmt: skip
 
 
-FileId = tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
+FileId = tuple[int, int, int, int]  # device, inode, size, mtime_ns
 
 
 def file_id(stat: os.stat_result) -> FileId:
-    """A file's identity for telling whether it changed: the ctime is in it because every
-    write moves it, even where a tool puts the mtime back."""
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    """A file's identity for telling whether it changed. Not the ctime: chmod, a new hard
+    link or a backup tool's xattr move it without touching a byte."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,15 @@ _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
 _BUILT_IN_MESSAGE = re.compile(r"but got <class '([\w.]+)'>")
 
 
-def resolve_allowed_globals(names: Iterable[str]) -> list[Any]:
-    """Turn ``module.Name`` strings into the classes (or :data:`ADMISSIBLE_FUNCTIONS`) they
-    name.
+def resolve_allowed_globals(names: Iterable[str]) -> list[tuple[Any, str]]:
+    """Turn ``module.Name`` strings into ``(object, name)`` pairs for torch's
+    ``safe_globals``: the classes (or :data:`ADMISSIBLE_FUNCTIONS`) they name, under the
+    name as given, which is the one a pickle uses (``numpy.core.multiarray.scalar`` from
+    numpy 1 is ``numpy._core.multiarray.scalar`` under numpy 2).
 
     Raises UsageError for a malformed name, a blocked module or any other function.
     """
-    classes: list[Any] = []
+    classes: list[tuple[Any, str]] = []
     for full in names:
         module_name, _, attr = full.rpartition(".")
         if not module_name or not attr:
@@ -68,7 +70,7 @@ def resolve_allowed_globals(names: Iterable[str]) -> list[Any]:
             raise UsageError(f"--allow-global {full}: only classes can be admitted, not {obj!r}")
         if _is_blocked(getattr(obj, "__module__", None) or module_name):  # a re-export
             raise UsageError(f"--allow-global {full}: defined in {obj.__module__}, never admitted")
-        classes.append(obj)
+        classes.append((obj, full))
     return classes
 
 
@@ -227,7 +229,7 @@ def load_pickle(path: str, allow_globals: Iterable[str] = ()) -> Any:
             warnings.simplefilter("ignore")  # torch's protocol notices are not for our users
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
-        admitted = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
+        admitted = _admitted_names(allowed)
         try:
             names = [n for n in scan_globals(pickle_bytes(path)) if n not in admitted]
         except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError):
@@ -276,7 +278,12 @@ def _unsafe(path: str, names: list[str]) -> UnsafeInputError:
     return UnsafeInputError(message)
 
 
-def _refuse_unsafe_globals(path: str, allowed: list[Any]) -> None:
+def _admitted_names(allowed: list[tuple[Any, str]]) -> set[str]:
+    """Every name an admitted global may appear under: as given, and where it is defined."""
+    return {n for obj, given in allowed for n in (given, f"{obj.__module__}.{obj.__qualname__}")}
+
+
+def _refuse_unsafe_globals(path: str, allowed: list[tuple[Any, str]]) -> None:
     """Name every unsafe global at once (zip format only; read statically, nothing runs).
 
     torch's static scan reads protocol-2 pickles only (what ``torch.save`` writes by
@@ -287,7 +294,7 @@ def _refuse_unsafe_globals(path: str, allowed: list[Any]) -> None:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except pickle.UnpicklingError:
         return
-    admitted = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
+    admitted = _admitted_names(allowed)
     refused = [n for n in names if n not in admitted]
     if refused:
         raise _unsafe(path, refused)

@@ -73,13 +73,13 @@ def absolute_target(spec: TargetSpec) -> TargetSpec:
     against its own folder, which is not where the command ran)."""
     changes: dict[str, Any] = {}
     if spec.checkpoint:
-        changes["checkpoint"] = os.path.abspath(spec.checkpoint)
+        changes["checkpoint"] = os.path.abspath(os.path.expanduser(spec.checkpoint))
     if spec.manifest:
-        changes["manifest"] = os.path.abspath(spec.manifest)
+        changes["manifest"] = os.path.abspath(os.path.expanduser(spec.manifest))
     if spec.model:
         module, sep, attr = spec.model.rpartition(":")
-        if module.endswith(".py") and not os.path.isabs(module):
-            changes["model"] = os.path.abspath(module) + sep + attr
+        if module.endswith(".py"):
+            changes["model"] = os.path.abspath(os.path.expanduser(module)) + sep + attr
     return spec.model_copy(update=changes)
 
 
