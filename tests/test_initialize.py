@@ -248,3 +248,19 @@ def test_same_seed_same_bytes_and_one_key_does_not_depend_on_the_others() -> Non
     alone, among_all = fresh(f"^{re.escape(key)}$", 5), fresh(r"^layers\.", 5)
     assert torch.equal(alone, among_all)
     assert not torch.equal(alone, fresh(r"^layers\.", 6))
+
+
+def test_fresh_values_kept_for_the_writer_are_capped_per_run_not_per_op() -> None:
+    from ckptsurgeon.engine.plan import run_rules
+    from ckptsurgeon.rules.document import parse_rules
+    from ckptsurgeon.target.spec import TargetInfo, expected_from_model
+
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 1000))
+    one = (1000 * 1000 + 1000) * 4
+    target = TargetInfo("model", expected_from_model(model), model, fresh_room=one + 10)
+    rules = parse_rules([{"op": "fill_missing", "pattern": f"^{i}\\."} for i in range(2)])
+    out, _ = run_rules(rules, {}, target)
+    assert target.fresh_room == 10  # the second layer's values are made again when written
+    for i in range(2):
+        weight = out[f"{i}.weight"].load()
+        assert weight.shape == (1000, 1000) and weight.abs().max() <= 1 / 1000**0.5

@@ -58,9 +58,10 @@ _GLOBAL_RNG = threading.Lock()
 # the root, say) they stay on the meta device, where in-place init is a no-op.
 _DESCENDANT_BYTES = 256 << 20
 
-# Fresh values are kept from planning until they are written up to this much in all; the rest
+# Fresh values are kept from planning until they are written up to this much per run (see
+# TargetInfo.initial); the rest
 # are made again at write time, so memory holds one module's values, not every module's.
-_KEEP_BYTES = 256 << 20
+KEEP_FRESH_BYTES = 256 << 20
 
 _GIVE_INIT = "give the op init: zeros | ones | normal | xavier_uniform | kaiming_uniform"
 
@@ -318,23 +319,26 @@ class _OwnerValues:
             return self._values.pop(attr)
 
 
-def from_model(model: nn.Module, names: list[str], seed: int) -> dict[str, TensorRef]:
+def from_model(
+    model: nn.Module, names: list[str], seed: int, room: int = KEEP_FRESH_BYTES
+) -> tuple[dict[str, TensorRef], int]:
     """Refs to the model's own fresh values for ``names``, made and checked now: FitError
-    when its initialisation cannot make one of them."""
+    when its initialisation cannot make one of them. At most ``room`` bytes of them are kept
+    in memory until written; returns the refs and the bytes kept."""
     by_module: dict[str, dict[str, str]] = {}
     for name in names:
         module_name, _, attr = _owner(model, name)
         by_module.setdefault(module_name, {})[name] = attr
     skeleton = _skeleton(model)
     refs: dict[str, TensorRef] = {}
-    room = _KEEP_BYTES
+    kept = 0
     for module_name, keys in by_module.items():
-        owner = _OwnerValues(skeleton, module_name, keys, seed, room)
-        room -= owner.kept
+        owner = _OwnerValues(skeleton, module_name, keys, seed, room - kept)
+        kept += owner.kept
         for key, attr in keys.items():
             shape, dtype = owner.planned[attr]
             refs[key] = TensorRef(shape, dtype, lambda a=attr, o=owner: o.get(a), None, ())
-    return refs
+    return refs, kept
 
 
 def from_scheme(

@@ -24,6 +24,7 @@ from ckptsurgeon.errors import FitError, InputError, UsageError
 from ckptsurgeon.formats.table import TensorRef, dtype_name, parse_dtype
 from ckptsurgeon.rules.config import TargetSpec
 from ckptsurgeon.rules.document import resolve
+from ckptsurgeon.target.initialize import KEEP_FRESH_BYTES
 
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -36,6 +37,9 @@ class TargetInfo:
     expected: Expected
     model: nn.Module | None = None  # on the meta device
     notes: list[str] = field(default_factory=list)
+    # Bytes of fresh values still allowed to wait in memory for the writer, across every
+    # op of a run (see ckptsurgeon.target.initialize).
+    fresh_room: int = field(default=KEEP_FRESH_BYTES, repr=False)
 
     @functools.cached_property
     def tied(self) -> dict[str, tuple[str, ...]]:
@@ -57,7 +61,9 @@ class TargetInfo:
         from ckptsurgeon.target import initialize
 
         if self.model is not None and init is None:
-            return initialize.from_model(self.model, names, seed)
+            refs, kept = initialize.from_model(self.model, names, seed, self.fresh_room)
+            self.fresh_room -= kept
+            return refs
         if init is None:
             raise FitError(
                 f"{where}: the target is a {self.description} with no model to "
