@@ -297,11 +297,6 @@ def _log_for(as_json: bool) -> Callable[[str], None]:
     return functools.partial(click.echo, err=as_json)
 
 
-@contextlib.contextmanager
-def _same(path: str) -> Iterator[str]:
-    yield path
-
-
 def _emit_report(report: dict, as_json: bool, path: str | None, show: bool) -> None:
     if path:
         from ckptsurgeon.errors import OutputError
@@ -310,9 +305,10 @@ def _emit_report(report: dict, as_json: bool, path: str | None, show: bool) -> N
         # A regular file is replaced atomically; a pipe, a link or /dev/stdout is written
         # through, as a shell redirection would.
         atomic = not os.path.lexists(path) or (os.path.isfile(path) and not os.path.islink(path))
+        place = atomic_path(path, is_dir=False, durable=False) if atomic else None
         try:
             with (
-                atomic_path(path, is_dir=False, durable=False) if atomic else _same(path) as tmp,
+                place or contextlib.nullcontext(path) as tmp,
                 open(tmp, "w", encoding="utf-8") as f,
             ):
                 json.dump(report, f, indent=2)
