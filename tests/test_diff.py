@@ -381,7 +381,7 @@ def test_fresh_norm_scales_start_at_one_without_a_model(tmp_path: Path) -> None:
     running variance starts at one (zeros would silence the layer), biases at zero."""
     from ckptsurgeon.engine.plan import run_rules
     from ckptsurgeon.suggest import compare
-    from ckptsurgeon.target.spec import TargetInfo
+    from ckptsurgeon.targets.spec import TargetInfo
 
     model = torch.nn.Module()
     model.proj, model.norm, model.bn = (

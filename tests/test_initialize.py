@@ -21,7 +21,7 @@ from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.table import from_tensor
 from ckptsurgeon.rules.document import parse_rules
 from ckptsurgeon.rules.ops import derive_seed
-from ckptsurgeon.target.spec import TargetInfo, build_model, expected_from_model
+from ckptsurgeon.targets.spec import TargetInfo, build_model, expected_from_model
 
 VIT = "torchvision.models.vision_transformer:VisionTransformer"
 VIT_KW = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
@@ -253,7 +253,7 @@ def test_same_seed_same_bytes_and_one_key_does_not_depend_on_the_others() -> Non
 def test_fresh_values_kept_for_the_writer_are_capped_per_run_not_per_op() -> None:
     from ckptsurgeon.engine.plan import run_rules
     from ckptsurgeon.rules.document import parse_rules
-    from ckptsurgeon.target.spec import TargetInfo, expected_from_model
+    from ckptsurgeon.targets.spec import TargetInfo, expected_from_model
 
     model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 1000))
     one = (1000 * 1000 + 1000) * 4

@@ -10,7 +10,7 @@ from ckptsurgeon.engine.plan import run_rules
 from ckptsurgeon.errors import FitError, RulesError
 from ckptsurgeon.formats.table import from_tensor
 from ckptsurgeon.rules.document import parse_rules
-from ckptsurgeon.target.spec import TargetInfo, expected_from_model
+from ckptsurgeon.targets.spec import TargetInfo, expected_from_model
 
 
 def table(**tensors: torch.Tensor):

@@ -25,13 +25,13 @@ from ckptsurgeon.formats import (
     open_checkpoint,
     prehash,
     safetensors_header,
-    streaming,
+    safetensors_writer,
     write_checkpoint,
 )
 from ckptsurgeon.formats.integrity import verify_checkpoint
 from ckptsurgeon.formats.table import ByteSpan
 
-PART_ELEMS = streaming.PART // 4
+PART_ELEMS = safetensors_writer.PART // 4
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +217,13 @@ def test_a_source_changed_while_copied_is_an_input_error(source, tmp_path: Path,
     copy = tmp_path / "victim.safetensors"
     copy.write_bytes(path.read_bytes())
     table = open_checkpoint(copy).tensors
-    real = streaming._copy_parts
+    real = safetensors_writer._copy_parts
 
     def copy_then_touch(src: int, span: ByteSpan, fd: int, offset: int, h) -> None:
         real(src, span, fd, offset, h)
         _rewrite_in_place(copy)
 
-    monkeypatch.setattr(streaming, "_copy_parts", copy_then_touch)
+    monkeypatch.setattr(safetensors_writer, "_copy_parts", copy_then_touch)
     with pytest.raises(InputError, match="changed since it was read"):
         write_checkpoint({"big": table["big"]}, str(tmp_path / "out.safetensors"))
     assert not (tmp_path / "out.safetensors").exists()
@@ -278,7 +278,7 @@ def test_copies_take_prehashed_digests_instead_of_hashing(
     hashed = []
     real = hashlib.sha256
     monkeypatch.setattr(
-        streaming.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a), raising=True
+        safetensors_writer.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a), raising=True
     )
     out = tmp_path / "out.safetensors"
     write_checkpoint(open_checkpoint(path).tensors, str(out), prehashed=digests)
@@ -304,7 +304,7 @@ def test_prehashed_copies_are_kernel_copies_at_source_page_offsets(
         calls.append((offset_src, offset_dst))
         return real(src, dst, count, offset_src, offset_dst)
 
-    monkeypatch.setattr(streaming.os, "copy_file_range", spy)
+    monkeypatch.setattr(safetensors_writer.os, "copy_file_range", spy)
     table = {"renamed." + k: ref for k, ref in open_checkpoint(path).tensors.items()}
     out = tmp_path / "out.safetensors"
     write_checkpoint(table, str(out), prehashed=digests)
@@ -332,7 +332,7 @@ def test_copies_fall_back_when_the_kernel_cannot_copy(
             raise OSError(refusal, os.strerror(refusal))
         return 0
 
-    monkeypatch.setattr(streaming.os, "copy_file_range", refuse)
+    monkeypatch.setattr(safetensors_writer.os, "copy_file_range", refuse)
     out = tmp_path / "out.safetensors"
     write_checkpoint(open_checkpoint(path).tensors, str(out), prehashed=digests)
     monkeypatch.undo()
@@ -347,7 +347,7 @@ def test_a_kernel_copy_past_the_end_of_the_source_is_an_input_error(source, tmp_
     with open(path, "rb") as src, open(tmp_path / "out", "wb") as out:
         span = ByteSpan(str(path), size - 10, 20)
         with pytest.raises(InputError, match="file ended early"):
-            streaming._kernel_copy(src.fileno(), span, out.fileno(), 0)
+            safetensors_writer._kernel_copy(src.fileno(), span, out.fileno(), 0)
 
 
 def test_a_file_changed_after_prehashing_is_hashed_again(source, tmp_path: Path) -> None:

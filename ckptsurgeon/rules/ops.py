@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from ckptsurgeon.formats.table import Table, TensorRef
-    from ckptsurgeon.target.spec import TargetInfo
+    from ckptsurgeon.targets.spec import TargetInfo
 
 
 @dataclass
@@ -564,7 +564,7 @@ class ReinitMismatched(_FromTarget):
     nothing_found: ClassVar[str] = "no shape mismatch with the target"
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
-        from ckptsurgeon.target.check import loads_as_shape
+        from ckptsurgeon.targets.check import loads_as_shape
 
         expected = ctx.target.expected if ctx.target else {}
         names = self._selected(

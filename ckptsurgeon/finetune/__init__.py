@@ -27,7 +27,7 @@ def finetune_from_rules(
     from ckptsurgeon.api import load_into
     from ckptsurgeon.finetune.runner import run_finetune
     from ckptsurgeon.rules.document import resolve
-    from ckptsurgeon.target.spec import build_model
+    from ckptsurgeon.targets.spec import build_model
 
     spec = rules.finetune
     if spec is None:

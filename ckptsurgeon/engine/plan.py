@@ -17,8 +17,8 @@ from ckptsurgeon.formats.reader import Checkpoint, open_checkpoint
 from ckptsurgeon.formats.table import Table, cast_floating, dtype_name, parse_dtype
 from ckptsurgeon.rules.document import RulesFile, resolve
 from ckptsurgeon.rules.ops import Context
-from ckptsurgeon.target.check import CheckResult, check_table
-from ckptsurgeon.target.spec import TargetInfo, resolve_target
+from ckptsurgeon.targets.check import CheckResult, check_table
+from ckptsurgeon.targets.spec import TargetInfo, resolve_target
 
 
 @dataclass

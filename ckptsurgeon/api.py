@@ -119,8 +119,8 @@ def load_into(
     from ckptsurgeon.engine.plan import run_rules
     from ckptsurgeon.errors import FitError
     from ckptsurgeon.rules.document import parse_rules
-    from ckptsurgeon.target.check import check_table
-    from ckptsurgeon.target.spec import TargetInfo, expected_from_model
+    from ckptsurgeon.targets.check import check_table
+    from ckptsurgeon.targets.spec import TargetInfo, expected_from_model
 
     spec = parse_rules({"rules": rules or [], "seed": seed}, "load_into(rules=...)")
     target = TargetInfo(f"model {type(model).__name__}", expected_from_model(model), model)
@@ -144,11 +144,11 @@ def check(
     allow_globals: Iterable[str] = (),
 ):
     """Would ``path`` load strictly into ``target`` (a model spec, checkpoint or manifest)?
-    Returns a :class:`~ckptsurgeon.target.check.CheckResult`."""
+    Returns a :class:`~ckptsurgeon.targets.check.CheckResult`."""
     import json
 
-    from ckptsurgeon.target.check import check_table
-    from ckptsurgeon.target.spec import target_from_cli
+    from ckptsurgeon.targets.check import check_table
+    from ckptsurgeon.targets.spec import target_from_cli
 
     info = target_from_cli(target, json.dumps(kwargs) if kwargs else None, allow_globals)
     return check_table(open_checkpoint(path, key, allow_globals).tensors, info)

@@ -335,8 +335,8 @@ def check(
 ) -> None:
     """Does PATH load strictly into the target? Exit 0 if so, 1 if not."""
     from ckptsurgeon.formats import open_checkpoint
-    from ckptsurgeon.target.check import check_table
-    from ckptsurgeon.target.spec import target_from_cli
+    from ckptsurgeon.targets.check import check_table
+    from ckptsurgeon.targets.spec import target_from_cli
 
     info = target_from_cli(target, kwargs, allow_globals)
     result = check_table(open_checkpoint(path, key, allow_globals).tensors, info)
@@ -381,7 +381,7 @@ def diff(
     from ckptsurgeon.formats import open_checkpoint
     from ckptsurgeon.rules.config import SourceSpec
     from ckptsurgeon.suggest import absolute_target, compare, render_rules
-    from ckptsurgeon.target.spec import resolve_target, target_spec_from_cli
+    from ckptsurgeon.targets.spec import resolve_target, target_spec_from_cli
 
     if (b is None) == (target is None):
         raise UsageError("diff: give B or --target SPEC (exactly one)")

@@ -3,7 +3,7 @@
 The reader validates a header as strictly as the reference Rust reader (and catches the
 duplicate keys its JSON parser lets through), then serves each tensor lazily with one
 positioned read. Headers are encoded here too; the streaming writer that uses them is
-:mod:`ckptsurgeon.formats.streaming`.
+:mod:`ckptsurgeon.formats.safetensors_writer`.
 
 Every file ckptsurgeon writes records its own sha256 digests in ``__metadata__`` (see
 :func:`content_digest`), so ``inspect --verify`` can later prove it intact or name the

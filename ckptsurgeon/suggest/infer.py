@@ -43,8 +43,8 @@ from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.table import Table, dtype_name
 from ckptsurgeon.rules.ops import OPS, Context
 from ckptsurgeon.suggest import names as nm
-from ckptsurgeon.target.check import group_names
-from ckptsurgeon.target.spec import TargetInfo
+from ckptsurgeon.targets.check import group_names
+from ckptsurgeon.targets.spec import TargetInfo
 
 Rule = dict[str, Any]
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase  # where torch's num_batches_tracked rule lives
 
 from ckptsurgeon.formats.table import Table, dtype_name
-from ckptsurgeon.target.spec import TargetInfo
+from ckptsurgeon.targets.spec import TargetInfo
 
 
 @dataclass

@@ -17,8 +17,8 @@ from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.reader import Checkpoint
 from ckptsurgeon.rules.document import RulesFile, parse_rules
 from ckptsurgeon.suggest.infer import Inference, infer_rules, plural
-from ckptsurgeon.target.check import CheckResult, check_table, group_names
-from ckptsurgeon.target.spec import TargetInfo
+from ckptsurgeon.targets.check import CheckResult, check_table, group_names
+from ckptsurgeon.targets.spec import TargetInfo
 
 SHOWN = 10  # unresolved entries and shape differences printed before "... and N more"
 

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 
 from ckptsurgeon.errors import FitError, OutputError, UsageError
-from ckptsurgeon.formats import safetensors_io, streaming
+from ckptsurgeon.formats import safetensors_io, safetensors_writer
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.safetensors_header import METADATA_KEY
 from ckptsurgeon.formats.table import Table, TensorRef
@@ -148,7 +148,7 @@ def write_checkpoint(
     try:
         with atomic_path(path, is_dir=kind == "folder", durable=durable) as tmp:
             if kind == "safetensors":
-                streaming.write_safetensors(
+                safetensors_writer.write_safetensors(
                     tmp, items, metadata, on_bytes, sync=durable, prehashed=prehashed
                 )
                 files = [path]
@@ -216,7 +216,7 @@ def _write_folder(
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     shards = plan_shards(items, limit) if limit else [items]
     if len(shards) == 1:
-        streaming.write_safetensors(
+        safetensors_writer.write_safetensors(
             os.path.join(tmp, "model.safetensors"),
             items,
             metadata,
@@ -226,7 +226,7 @@ def _write_folder(
         )
         return ["model.safetensors"]
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    digests = streaming.write_safetensors_files(
+    digests = safetensors_writer.write_safetensors_files(
         [(os.path.join(tmp, name), shard) for name, shard in zip(names, shards, strict=True)],
         metadata,
         on_bytes,

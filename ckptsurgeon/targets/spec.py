@@ -24,7 +24,7 @@ from ckptsurgeon.errors import FitError, InputError, UsageError
 from ckptsurgeon.formats.table import TensorRef, dtype_name, parse_dtype
 from ckptsurgeon.rules.config import TargetSpec
 from ckptsurgeon.rules.document import resolve
-from ckptsurgeon.target.initialize import KEEP_FRESH_BYTES
+from ckptsurgeon.targets.initialize import KEEP_FRESH_BYTES
 
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -38,7 +38,7 @@ class TargetInfo:
     model: nn.Module | None = None  # on the meta device
     notes: list[str] = field(default_factory=list)
     # Bytes of fresh values still allowed to wait in memory for the writer, across every
-    # op of a run (see ckptsurgeon.target.initialize).
+    # op of a run (see ckptsurgeon.targets.initialize).
     fresh_room: int = field(default=KEEP_FRESH_BYTES, repr=False)
 
     @functools.cached_property
@@ -58,7 +58,7 @@ class TargetInfo:
     ) -> dict[str, TensorRef]:
         """Fresh, seeded values for ``names``: the model's own initialisation when there is a
         model (and no explicit ``init``), else ``init``."""
-        from ckptsurgeon.target import initialize
+        from ckptsurgeon.targets import initialize
 
         if self.model is not None and init is None:
             refs, kept = initialize.from_model(self.model, names, seed, self.fresh_room)
@@ -198,7 +198,7 @@ def expected_from_model(model: nn.Module) -> Expected:
     buffers, and extra state that ``get_extra_state`` returns as a tensor.
 
     Extra state that is not a tensor has no shape or dtype and is left out here; the strict
-    check asks the model for it (see :func:`ckptsurgeon.target.check.extra_state_names`).
+    check asks the model for it (see :func:`ckptsurgeon.targets.check.extra_state_names`).
     """
     return {
         name: (tuple(t.shape), t.dtype)
