@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from ckptsurgeon._version import __version__
+from ckptsurgeon.engine.load import load_into
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.reader import open_checkpoint
@@ -13,18 +13,12 @@ from ckptsurgeon.formats.table import LazyStateDict, cast_floating, parse_dtype
 from ckptsurgeon.formats.writer import (
     Progress,
     WriteResult,
+    provenance,
     refuse_overwriting_inputs,
     write_checkpoint,
 )
 
-
-def provenance(source: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Metadata recorded in every output: which tool wrote it, and from what."""
-    return {
-        "producer": f"ckptsurgeon {__version__}",
-        "source": os.path.basename(source),
-        **(extra or {}),
-    }
+__all__ = ["apply", "check", "convert", "load", "load_into"]
 
 
 def load(
@@ -98,41 +92,6 @@ def apply(
         key=key,
         allow_globals=allow_globals,
     )
-
-
-def load_into(
-    model,
-    path: str | os.PathLike,
-    *,
-    rules: list[dict] | None = None,
-    key: str | None = None,
-    strict: bool = True,
-    seed: int = 0,
-    allow_globals: Iterable[str] = (),
-):
-    """Load ``path`` into ``model`` after applying ``rules`` (a list of op dicts).
-
-    With ``strict`` (the default) anything missing, unexpected or mis-shaped raises
-    FitError listing it, before any parameter is touched. Returns torch's
-    ``_IncompatibleKeys``.
-    """
-    from ckptsurgeon.engine.plan import run_rules
-    from ckptsurgeon.errors import FitError
-    from ckptsurgeon.rules.document import parse_rules
-    from ckptsurgeon.targets.check import check_table
-    from ckptsurgeon.targets.spec import TargetInfo, expected_from_model
-
-    spec = parse_rules({"rules": rules or [], "seed": seed}, "load_into(rules=...)")
-    target = TargetInfo(f"model {type(model).__name__}", expected_from_model(model), model)
-    table, _ = run_rules(spec, open_checkpoint(path, key, allow_globals).tensors, target)
-    result = check_table(table, target)
-    if strict and not result.ok:
-        raise FitError(
-            f"{path} does not load strictly into {type(model).__name__}:\n  "
-            + "\n  ".join(result.lines())
-        )
-    state = {name: ref.load() for name, ref in table.items()}
-    return model.load_state_dict(state, strict=strict)
 
 
 def check(

@@ -279,7 +279,8 @@ def _hashing_ahead(source: str | None) -> Iterator[SourceDigests | None]:
 def _source_of(rules_file: str, source: str | None) -> str | None:
     """The source path ``apply`` will read: ``--source`` or the rules file's; None when the
     rules file does not say (a bad rules file is left for ``apply_file`` to report)."""
-    from ckptsurgeon.rules.document import load_rules, resolve
+    from ckptsurgeon.paths import resolve, rules_folder
+    from ckptsurgeon.rules.document import load_rules
 
     if source is not None:
         return source
@@ -289,7 +290,7 @@ def _source_of(rules_file: str, source: str | None) -> str | None:
         return None
     if spec is None:
         return None
-    return resolve(spec.path, os.path.dirname(os.path.abspath(rules_file)))
+    return resolve(spec.path, rules_folder(rules_file))
 
 
 def _log_for(as_json: bool) -> Callable[[str], None]:

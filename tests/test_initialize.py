@@ -20,7 +20,7 @@ from ckptsurgeon.engine.plan import run_rules
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.table import from_tensor
 from ckptsurgeon.rules.document import parse_rules
-from ckptsurgeon.rules.ops import derive_seed
+from ckptsurgeon.targets.seeds import derive_seed
 from ckptsurgeon.targets.spec import TargetInfo, build_model, expected_from_model
 
 VIT = "torchvision.models.vision_transformer:VisionTransformer"

@@ -7,16 +7,17 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ckptsurgeon.api import provenance
 from ckptsurgeon.engine.plan import PlanFailed, make_plan
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.writer import (
     Progress,
     check_output,
+    provenance,
     refuse_overwriting_inputs,
     write_checkpoint,
 )
+from ckptsurgeon.paths import resolve, rules_folder, within
 from ckptsurgeon.rules.document import RulesFile, load_rules
 
 
@@ -99,10 +100,8 @@ def _check_report_path(report_path: str, inputs: list[str], output: str | None) 
     """Refuse, before anything is written, a report that would land on an input or on the
     output, or in a folder that does not exist (the write would fail after the output)."""
     refuse_overwriting_inputs(report_path, inputs, what="--report")
-    if output is not None:
-        report, out = os.path.realpath(report_path), os.path.realpath(output)
-        if report == out or report.startswith(out + os.sep):
-            raise UsageError(f"--report {report_path} would overwrite the output {output}")
+    if output is not None and within(os.path.realpath(report_path), os.path.realpath(output)):
+        raise UsageError(f"--report {report_path} would overwrite the output {output}")
     folder = os.path.dirname(os.path.abspath(report_path))
     if not os.path.isdir(folder):
         raise UsageError(f"--report {report_path}: no folder {folder}")
@@ -114,7 +113,7 @@ def _target_files(rules: RulesFile, base_dir: str) -> list[str]:
     """The reference checkpoint or manifest a target names: inputs too."""
     target = rules.target
     paths = [p for p in (target.checkpoint, target.manifest) if p] if target else []
-    return [p if os.path.isabs(p) else os.path.join(base_dir, p) for p in paths]
+    return [resolve(p, base_dir) for p in paths]
 
 
 def apply_file(
@@ -137,7 +136,7 @@ def apply_file(
     if report_path is not None:
         refuse_overwriting_inputs(report_path, [rules_path], what="--report")
     rules = load_rules(rules_path)
-    base_dir = os.path.dirname(os.path.abspath(rules_path))
+    base_dir = rules_folder(rules_path)
     return apply_rules(
         rules,
         base_dir,

@@ -15,7 +15,8 @@ from typing import Any
 from ckptsurgeon.errors import FitError, UsageError
 from ckptsurgeon.formats.reader import Checkpoint, open_checkpoint
 from ckptsurgeon.formats.table import Table, cast_floating, dtype_name, parse_dtype
-from ckptsurgeon.rules.document import RulesFile, resolve
+from ckptsurgeon.paths import resolve
+from ckptsurgeon.rules.document import RulesFile
 from ckptsurgeon.rules.ops import Context
 from ckptsurgeon.targets.check import CheckResult, check_table
 from ckptsurgeon.targets.spec import TargetInfo, resolve_target

@@ -24,9 +24,9 @@ def finetune_from_rules(
     ``weights`` defaults to ``finetune.weights``, then to the rules file's output; ``key``
     and ``allow_globals`` are how to read them (see :func:`ckptsurgeon.load_into`).
     """
-    from ckptsurgeon.api import load_into
+    from ckptsurgeon.engine.load import load_into
     from ckptsurgeon.finetune.runner import run_finetune
-    from ckptsurgeon.rules.document import resolve
+    from ckptsurgeon.paths import resolve
     from ckptsurgeon.targets.spec import build_model
 
     spec = rules.finetune
@@ -55,4 +55,6 @@ def finetune_from_rules(
         log(f"fine-tuning {model_spec} from {weights}")
     else:
         log(f"fine-tuning {model_spec} from its own initialisation (no weights given)")
-    return run_finetune(spec, model, base_dir=base_dir, resume=resume, log=log)
+    return run_finetune(
+        spec, model, base_dir=base_dir, resume=resume, log=log, source=weights or model_spec
+    )

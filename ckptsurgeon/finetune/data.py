@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.finetune.config import DataSpec, FactoryData, ImageFolderData, TensorData
-from ckptsurgeon.rules.document import resolve
+from ckptsurgeon.paths import resolve
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -31,7 +31,11 @@ class TensorFileDataset(Dataset):
 
 
 def load_tensor_data(spec: TensorData, base_dir: str) -> TensorFileDataset:
-    from ckptsurgeon.api import load
+    from ckptsurgeon.formats.reader import open_checkpoint
+    from ckptsurgeon.formats.table import LazyStateDict
+
+    def load(path: str) -> LazyStateDict:
+        return LazyStateDict(open_checkpoint(path).tensors)
 
     tensors = load(resolve(spec.tensors, base_dir))
     names = spec.inputs.values() if isinstance(spec.inputs, dict) else [spec.inputs]

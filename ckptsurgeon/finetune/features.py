@@ -29,7 +29,7 @@ class Cached:
 
 
 def head_forward(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    from ckptsurgeon.finetune.runner import model_output
+    from ckptsurgeon.finetune.outputs import model_output
 
     return model_output(head, features)
 
@@ -98,7 +98,7 @@ class _NotCacheable(Exception):
 
 @torch.no_grad()
 def _features(model: nn.Module, head: nn.Module, dataset: Dataset, spec, rt) -> TensorDataset:
-    from ckptsurgeon.finetune.runner import model_output, to_device
+    from ckptsurgeon.finetune.outputs import model_output, to_device
 
     captured: dict[str, Any] = {}
 

@@ -28,6 +28,7 @@ from ckptsurgeon.finetune import features
 from ckptsurgeon.finetune.config import FinetuneSpec, PhaseSpec
 from ckptsurgeon.finetune.data import build_dataset, is_deterministic
 from ckptsurgeon.finetune.freeze import backbone_names, set_frozen
+from ckptsurgeon.finetune.outputs import model_output, to_device
 
 STATE_FILE = "state.pt"
 
@@ -71,22 +72,6 @@ def make_runtime(spec: FinetuneSpec) -> Runtime:
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Runtime(device, dtype, rank, world)
-
-
-def model_output(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Call the model (``model(**inputs)`` for a mapping) and return its logits."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
-def to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs.to(device, non_blocking=True)
 
 
 def param_groups(
@@ -279,15 +264,16 @@ def _set_rng_state(state: dict[str, Any], rt: Runtime) -> None:
         torch.cuda.set_rng_state(state["cuda"], rt.device)
 
 
-def _save_weights(model: nn.Module, path: str) -> None:
+def _save_weights(model: nn.Module, path: str, source: str) -> None:
+    """``source``: what the run started from (its weights file, or the model spec)."""
     from ckptsurgeon.formats.table import from_tensor
-    from ckptsurgeon.formats.writer import write_checkpoint
+    from ckptsurgeon.formats.writer import provenance, write_checkpoint
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_checkpoint(
         {k: from_tensor(v, k) for k, v in state.items()},
         path,
-        metadata={"producer": "ckptsurgeon finetune"},
+        metadata=provenance(source),
     )
 
 
@@ -338,8 +324,11 @@ def run_finetune(
     base_dir: str,
     resume: bool = False,
     log=print,
+    source: str = "",
 ) -> dict[str, Any]:
-    """Train ``model`` (weights already loaded) as ``spec`` says; returns the summary."""
+    """Train ``model`` (weights already loaded) as ``spec`` says; returns the summary.
+
+    ``source`` names what the weights came from; ``last``/``best.safetensors`` record it."""
     rt = make_runtime(spec)
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
@@ -455,9 +444,9 @@ def run_finetune(
             if rt.main:  # the state first: it is what --resume trusts, the rest follows it
                 _save_state(state_path, model, optimizer, schedule, scaler, history, rt)
                 _write_metrics(output_dir, history.metrics)
-                _save_weights(model, os.path.join(output_dir, "last.safetensors"))
+                _save_weights(model, os.path.join(output_dir, "last.safetensors"), source)
                 if improved:
-                    _save_weights(model, os.path.join(output_dir, "best.safetensors"))
+                    _save_weights(model, os.path.join(output_dir, "best.safetensors"), source)
             log(
                 f"epoch {history.global_epoch}: train_loss {train_loss:.4f}"
                 + (

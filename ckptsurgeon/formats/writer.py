@@ -24,11 +24,13 @@ from typing import Protocol
 
 import torch
 
+from ckptsurgeon._version import __version__
 from ckptsurgeon.errors import FitError, OutputError, UsageError
 from ckptsurgeon.formats import safetensors_io, safetensors_writer
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.safetensors_header import METADATA_KEY
 from ckptsurgeon.formats.table import Table, TensorRef
+from ckptsurgeon.paths import within
 
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 TMP_MARK = ".ckptsurgeon-tmp-"
@@ -37,6 +39,15 @@ SHARD_INDEX = "model.safetensors.index.json"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def provenance(source: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Metadata recorded in every output: which tool wrote it, and from what."""
+    return {
+        "producer": f"ckptsurgeon {__version__}",
+        "source": os.path.basename(source),
+        **(extra or {}),
+    }
 
 
 def parse_size(size: int | str) -> int:
@@ -437,10 +448,6 @@ def atomic_path(final: str, *, is_dir: bool, durable: bool = True) -> Iterator[s
         raise
 
 
-def _within(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
-
-
 def refuse_overwriting_inputs(output: str, inputs: list[str], what: str = "output") -> None:
     """UsageError when writing ``output`` could damage any of the ``inputs`` paths.
 
@@ -451,7 +458,7 @@ def refuse_overwriting_inputs(output: str, inputs: list[str], what: str = "outpu
     out = os.path.realpath(output)
     for item in inputs:
         real = os.path.realpath(item)
-        if _within(out, real) or _within(real, out):
+        if within(out, real) or within(real, out):
             raise UsageError(
                 f"{what} {output} would overwrite the input {item}; "
                 "choose a path outside the source"

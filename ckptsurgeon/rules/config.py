@@ -7,9 +7,14 @@ Nothing here imports torch, so ``validate`` and ``schema`` stay fast. The rule o
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field
+
+from ckptsurgeon.schema import Strict
+from ckptsurgeon.targets.config import TargetSpec
+
+__all__ = ["Strict", "TargetSpec"]
 
 # Initialisations available where there is no model to take them from.
 InitName = Literal["zeros", "ones", "normal", "xavier_uniform", "kaiming_uniform"]
@@ -19,12 +24,6 @@ FLOAT_DTYPES = (
     "float", "double", "float8_e4m3fn", "float8_e5m2", "fp8_e4m3", "fp8_e5m2",
 )  # fmt: skip
 KNOWN_DTYPES = (*FLOAT_DTYPES, "int8", "uint8", "int16", "int32", "int64", "bool")
-
-
-class Strict(BaseModel):
-    """Base for every rules-file model: unknown fields are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_regex(pattern: str) -> str:
@@ -66,30 +65,6 @@ class SourceSpec(Strict):
     allow_globals: list[str] = Field(
         default_factory=list, description="module.Name classes admitted in pickles"
     )
-
-
-class TargetSpec(Strict):
-    """What the result must load into: a model, a reference checkpoint or a manifest."""
-
-    model: str | None = Field(None, description='"pkg.module:callable" or "file.py:callable"')
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = None
-    key: str | None = Field(None, description="container inside a reference checkpoint")
-    allow_globals: list[str] = Field(
-        default_factory=list, description="module.Name classes admitted in its pickle"
-    )
-    manifest: str | None = Field(None, description="JSON printed by `inspect --json`")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> TargetSpec:
-        given = [k for k in ("model", "checkpoint", "manifest") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError("target needs exactly one of model, checkpoint, manifest")
-        if self.kwargs and not self.model:
-            raise ValueError("kwargs only go with target.model")
-        if (self.key or self.allow_globals) and not self.checkpoint:
-            raise ValueError("key and allow_globals only go with target.checkpoint")
-        return self
 
 
 class OutputSpec(Strict):

@@ -37,12 +37,6 @@ class RulesFile(Strict):
         return self.output or OutputSpec()
 
 
-def resolve(path: str, base_dir: str) -> str:
-    """A path written in a rules file, relative to the rules file's folder ``base_dir``."""
-    path = os.path.expanduser(path)
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
-
-
 def _label(loc: tuple[Any, ...], data: Any) -> str:
     """A readable field path: ``rules[2] (rename).replace``."""
     parts: list[str] = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,6 +21,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.rules.config import DType, InitName, Pattern, Strict
+from ckptsurgeon.targets.seeds import derive_seed
 
 if TYPE_CHECKING:
     import torch
@@ -38,11 +38,6 @@ class Context:
     target: TargetInfo | None = None
     dropped: dict[str, str] = field(default_factory=dict)  # name -> why
     where: str = ""  # "rule 3 (rename)", for messages
-
-
-def derive_seed(seed: int, name: str) -> int:
-    """A seed per tensor name, so a key's fresh values do not depend on what else is reset."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 OPS: dict[str, type[Op]] = {}

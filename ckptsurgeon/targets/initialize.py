@@ -47,7 +47,7 @@ from torch import nn
 
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.table import TensorRef
-from ckptsurgeon.rules.ops import derive_seed
+from ckptsurgeon.targets.seeds import derive_seed
 
 # Modules initialise themselves from torch's global generator, and writers materialise
 # tensors on several threads: one module at a time, or the seeded values would interleave.

@@ -22,8 +22,8 @@ from torch import nn
 
 from ckptsurgeon.errors import FitError, InputError, UsageError
 from ckptsurgeon.formats.table import TensorRef, dtype_name, parse_dtype
-from ckptsurgeon.rules.config import TargetSpec
-from ckptsurgeon.rules.document import resolve
+from ckptsurgeon.paths import resolve
+from ckptsurgeon.targets.config import TargetSpec
 from ckptsurgeon.targets.initialize import KEEP_FRESH_BYTES
 
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -83,7 +83,7 @@ def load_callable(spec: str, base_dir: str | None = None) -> Callable[..., Any]:
     if not sep or not module_part or not attr:
         raise UsageError(f"target {spec!r}: expected 'pkg.module:callable' or 'file.py:callable'")
     if module_part.endswith(".py"):
-        path = _resolve_path(module_part, base_dir)
+        path = resolve(module_part, base_dir)
         if not os.path.isfile(path):
             raise UsageError(f"target {spec!r}: no file {path}")
         name = f"ckptsurgeon_user_{abs(hash(os.path.abspath(path)))}"
@@ -108,13 +108,6 @@ def load_callable(spec: str, base_dir: str | None = None) -> Callable[..., Any]:
     if not callable(obj):
         raise UsageError(f"target {spec!r}: {attr} is not callable")
     return obj
-
-
-def _resolve_path(path: str, base_dir: str | None) -> str:
-    """A path from a rules file (against its folder ``base_dir``) or from the command line
-    (against the working directory, when ``base_dir`` is None); ``~`` is expanded either way,
-    as for ``source`` and ``output``."""
-    return resolve(path, base_dir) if base_dir is not None else os.path.expanduser(path)
 
 
 def build_model(
@@ -233,7 +226,7 @@ def resolve_target(spec: TargetSpec, base_dir: str | None = None) -> TargetInfo:
         from ckptsurgeon.formats.reader import open_checkpoint
 
         ckpt = open_checkpoint(
-            _resolve_path(spec.checkpoint, base_dir), spec.key, spec.allow_globals
+            resolve(spec.checkpoint, base_dir), spec.key, spec.allow_globals
         )
         return TargetInfo(
             f"checkpoint {spec.checkpoint}",
@@ -241,7 +234,7 @@ def resolve_target(spec: TargetSpec, base_dir: str | None = None) -> TargetInfo:
         )
     assert spec.manifest
     return TargetInfo(
-        f"manifest {spec.manifest}", expected_from_manifest(_resolve_path(spec.manifest, base_dir))
+        f"manifest {spec.manifest}", expected_from_manifest(resolve(spec.manifest, base_dir))
     )
 
 
