@@ -13,8 +13,7 @@ from ckptsurgeon.errors import InputError, UsageError
 from ckptsurgeon.formats import dcp_io, safetensors_io, torch_io
 from ckptsurgeon.formats.index import find_index, read_index
 from ckptsurgeon.formats.table import Table, from_tensor
-
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
+from ckptsurgeon.formats.torch_io import TORCH_SUFFIXES
 
 
 @dataclass

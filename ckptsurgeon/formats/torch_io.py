@@ -22,6 +22,10 @@ from ckptsurgeon import _torchcheck
 from ckptsurgeon.errors import InputError, UnsafeInputError, UsageError
 
 # Modules whose classes can run code or reach the system; never admitted, even when named.
+# Suffixes that name torch pickles: the ones ckptsurgeon writes, and those it also reads.
+TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TORCH_SUFFIXES = (*TORCH_OUTPUT_SUFFIXES, ".tar", ".pkl")
+
 BLOCKED_MODULES = frozenset({
     "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "shutil",
     "importlib", "pickle", "_pickle", "copyreg", "marshal", "types", "socket", "ctypes",

@@ -30,9 +30,9 @@ from ckptsurgeon.formats import safetensors_io, safetensors_writer
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.safetensors_header import METADATA_KEY
 from ckptsurgeon.formats.table import Table, TensorRef
+from ckptsurgeon.formats.torch_io import TORCH_OUTPUT_SUFFIXES
 from ckptsurgeon.paths import within
 
-TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 TMP_MARK = ".ckptsurgeon-tmp-"
 SHARD_INDEX = "model.safetensors.index.json"
 
