@@ -34,10 +34,7 @@ def load_tensor_data(spec: TensorData, base_dir: str) -> TensorFileDataset:
     from ckptsurgeon.formats.reader import open_checkpoint
     from ckptsurgeon.formats.table import LazyStateDict
 
-    def load(path: str) -> LazyStateDict:
-        return LazyStateDict(open_checkpoint(path).tensors)
-
-    tensors = load(resolve(spec.tensors, base_dir))
+    tensors = LazyStateDict(open_checkpoint(resolve(spec.tensors, base_dir)).tensors)
     names = spec.inputs.values() if isinstance(spec.inputs, dict) else [spec.inputs]
     absent = [n for n in [*names, spec.target] if n not in tensors]
     if absent:
