@@ -26,8 +26,8 @@ from make_checkpoints import digits_split, pretrain_digits  # noqa: E402
 from models import digits_cnn  # noqa: E402
 
 import ckptsurgeon  # noqa: E402
-from ckptsurgeon.finetune.config import FinetuneSpec  # noqa: E402
 from ckptsurgeon.finetune.runner import run_finetune  # noqa: E402
+from ckptsurgeon.rules.finetune import FinetuneSpec  # noqa: E402
 
 
 def quiet(*_args) -> None:

@@ -17,7 +17,6 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
-from ckptsurgeon.finetune.config import FinetuneSpec, FreezeSpec, PhaseSpec
 from ckptsurgeon.finetune.freeze import backbone_names, set_frozen
 from ckptsurgeon.finetune.runner import (
     Runtime,
@@ -26,6 +25,7 @@ from ckptsurgeon.finetune.runner import (
     param_groups,
     run_epoch,
 )
+from ckptsurgeon.rules.finetune import FinetuneSpec, FreezeSpec, PhaseSpec
 
 
 def measure(

@@ -15,9 +15,9 @@ import torch
 from conftest import REPO, assert_clean_failure
 from safetensors.torch import load_file, save_file
 
-from ckptsurgeon.finetune.config import FinetuneSpec, FreezeSpec, PhaseSpec
 from ckptsurgeon.finetune.freeze import backbone_names, set_frozen
 from ckptsurgeon.finetune.runner import param_groups, run_finetune
+from ckptsurgeon.rules.finetune import FinetuneSpec, FreezeSpec, PhaseSpec
 
 sys.path.insert(0, str(REPO / "rules"))
 from models import digits_cnn

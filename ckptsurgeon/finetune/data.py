@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ckptsurgeon.errors import UsageError
-from ckptsurgeon.finetune.config import DataSpec, FactoryData, ImageFolderData, TensorData
 from ckptsurgeon.paths import resolve
+from ckptsurgeon.rules.finetune import DataSpec, FactoryData, ImageFolderData, TensorData
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 

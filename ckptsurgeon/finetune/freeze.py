@@ -14,7 +14,7 @@ import types
 from torch import nn
 
 from ckptsurgeon.errors import UsageError
-from ckptsurgeon.finetune.config import FreezeSpec
+from ckptsurgeon.rules.finetune import FreezeSpec
 
 _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm,)
 

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.finetune import features
-from ckptsurgeon.finetune.config import FinetuneSpec, PhaseSpec
 from ckptsurgeon.finetune.data import build_dataset, is_deterministic
 from ckptsurgeon.finetune.freeze import backbone_names, set_frozen
 from ckptsurgeon.finetune.outputs import model_output, to_device
+from ckptsurgeon.rules.finetune import FinetuneSpec, PhaseSpec
 
 STATE_FILE = "state.pt"
 

@@ -8,9 +8,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from ckptsurgeon.errors import RulesError
-from ckptsurgeon.finetune.config import FinetuneSpec
 from ckptsurgeon.rules import yamlnodes
 from ckptsurgeon.rules.config import CheckSpec, OutputSpec, SourceSpec, Strict, TargetSpec
+from ckptsurgeon.rules.finetune import FinetuneSpec
 from ckptsurgeon.rules.ops import AnyOp
 
 

@@ -1,4 +1,5 @@
-"""The ``finetune:`` section as pydantic models (no torch import: ``validate`` stays fast)."""
+"""The rules file's ``finetune:`` section as pydantic models (no torch import: ``validate``
+stays fast)."""
 
 from __future__ import annotations
 
