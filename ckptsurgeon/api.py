@@ -82,16 +82,12 @@ def apply(
     Raises :class:`~ckptsurgeon.errors.FitError` when the result does not fit the target
     (nothing is written), RulesError for an invalid rules file, InputError for bad input.
     """
-    from ckptsurgeon.engine.apply import apply_file
+    from ckptsurgeon.job import Job, ReadOptions
 
-    return apply_file(
-        rules,
-        source=source,
-        output=output,
-        dry_run=dry_run,
-        key=key,
-        allow_globals=allow_globals,
+    job = Job.from_file(
+        rules, source=source, output=output, read=ReadOptions(key, tuple(allow_globals))
     )
+    return job.run(dry_run=dry_run).to_dict()
 
 
 def check(

@@ -218,44 +218,35 @@ def apply(
     allow_globals: tuple[str, ...],
 ) -> None:
     """Load, rewrite by the rules, check against the target, write."""
-    with _hashing_ahead(None if dry_run else _source_of(rules_file, source)) as prehashed:
-        from ckptsurgeon.engine.apply import apply_file
+    from ckptsurgeon.job import Job, ReadOptions, WriteOptions
+
+    job = Job.from_file(
+        rules_file, source=source, output=output, read=ReadOptions(key, allow_globals)
+    )
+    with _hashing_ahead(None if dry_run else job.source_path) as prehashed:
         from ckptsurgeon.engine.plan import PlanFailed
         from ckptsurgeon.reporting import plan as plan_report
         from ckptsurgeon.reporting.progress import ByteProgress
-        from ckptsurgeon.rules.document import load_rules
 
         try:
             with ByteProgress("writing", quiet=quiet) as progress:
-                report = apply_file(
-                    rules_file,
-                    source=source,
-                    output=output,
+                report = job.run(
                     dry_run=dry_run,
-                    progress=progress,
+                    # Fine-tuned below, once the plan table is on screen.
                     finetune=False,
+                    write=WriteOptions(progress, not no_fsync, prehashed),
                     report_path=report_path,
-                    durable=not no_fsync,
-                    prehashed=prehashed,
-                    key=key,
-                    allow_globals=allow_globals,
                 )
         except PlanFailed as exc:
-            _emit_report(exc.report, as_json, report_path, show=as_json)
+            _emit_report(exc.report.to_dict(), as_json, report_path, show=as_json)
             raise
     if not as_json and not quiet:
         plan_report.render(report, _console())
-    rules = load_rules(rules_file)
-    if rules.finetune is not None and not (dry_run or no_finetune):
-        from ckptsurgeon.finetune import finetune_from_rules
-
-        report["finetune"] = finetune_from_rules(
-            rules,
-            os.path.dirname(os.path.abspath(rules_file)),
-            weights=report["written"]["path"],
-            log=_log_for(as_json),
+    if report.written is not None and job.document.finetune is not None and not no_finetune:
+        report.finetune = job.finetune(
+            weights=report.written.path, read=ReadOptions(), log=_log_for(as_json)
         )
-    _emit_report(report, as_json, report_path, show=as_json)
+    _emit_report(report.to_dict(), as_json, report_path, show=as_json)
 
 
 @contextlib.contextmanager
@@ -274,23 +265,6 @@ def _hashing_ahead(source: str | None) -> Iterator[SourceDigests | None]:
     finally:
         if digests is not None:
             digests.stop()
-
-
-def _source_of(rules_file: str, source: str | None) -> str | None:
-    """The source path ``apply`` will read: ``--source`` or the rules file's; None when the
-    rules file does not say (a bad rules file is left for ``apply_file`` to report)."""
-    from ckptsurgeon.paths import resolve, rules_folder
-    from ckptsurgeon.rules.document import load_rules
-
-    if source is not None:
-        return source
-    try:
-        spec = load_rules(rules_file).source_spec
-    except CkptSurgeonError:
-        return None
-    if spec is None:
-        return None
-    return resolve(spec.path, rules_folder(rules_file))
 
 
 def _log_for(as_json: bool) -> Callable[[str], None]:
@@ -452,18 +426,10 @@ def finetune(
     allow_globals: tuple[str, ...],
 ) -> None:
     """Run a file's finetune: section alone (torchrun-compatible)."""
-    from ckptsurgeon.finetune import finetune_from_rules
-    from ckptsurgeon.rules.document import load_rules
+    from ckptsurgeon.job import Job, ReadOptions
 
-    summary = finetune_from_rules(
-        load_rules(config),
-        os.path.dirname(os.path.abspath(config)),
-        weights=weights,
-        resume=resume,
-        log=_log_for(as_json),
-        key=key,
-        allow_globals=allow_globals,
-    )
+    job = Job.from_file(config, read=ReadOptions(key, allow_globals))
+    summary = job.finetune(weights=weights, resume=resume, log=_log_for(as_json))
     if as_json:
         _print_json(summary)
 

@@ -27,8 +27,8 @@ import torch
 from click.testing import CliRunner
 from conftest import assert_clean_failure
 
+from ckptsurgeon.api import apply as apply_file
 from ckptsurgeon.cli import cli
-from ckptsurgeon.engine.apply import apply_file
 from ckptsurgeon.errors import InputError, OutputError
 from ckptsurgeon.formats import open_checkpoint, write_checkpoint
 from ckptsurgeon.formats.integrity import verify_checkpoint

@@ -15,7 +15,7 @@ from conftest import materialise
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ckptsurgeon.engine.apply import apply_file
+from ckptsurgeon.api import apply as apply_file
 from ckptsurgeon.engine.plan import run_rules
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.table import from_tensor
@@ -49,7 +49,7 @@ def assert_refused_in_dry_run_and_real_run(rules: Path, *needles: str) -> None:
     """Both runs fail the same way, asking for ``init:``, and nothing is written."""
     for dry_run in (True, False):
         with pytest.raises(FitError, match="give the op init") as caught:
-            apply_file(rules, dry_run=dry_run, log=lambda *_: None)
+            apply_file(rules, dry_run=dry_run)
         for needle in needles:
             assert needle in str(caught.value), (dry_run, str(caught.value))
     assert not (rules.parent / "out.safetensors").exists()
@@ -67,9 +67,9 @@ def test_fill_missing_multihead_attention_layer_end_to_end(tmp_path: Path) -> No
         [{"op": "fill_missing", "pattern": "^" + layer.replace(".", r"\.")}],
         seed=3,
     )
-    dry = apply_file(rules, dry_run=True, log=lambda *_: None)
+    dry = apply_file(rules, dry_run=True)
     assert dry["check"]["ok"] and not (tmp_path / "out.safetensors").exists()
-    report = apply_file(rules, log=lambda *_: None)
+    report = apply_file(rules)
     assert report["check"] == dry["check"]
 
     out = load_file(tmp_path / "out.safetensors")
@@ -134,7 +134,7 @@ def test_values_no_init_writes_are_refused_not_written(tmp_path: Path) -> None:
 
     # The remedy the message names works.
     rules = write_rules(tmp_path, target, [{"op": "fill_missing", "init": "normal"}])
-    apply_file(rules, log=lambda *_: None)
+    apply_file(rules)
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "out.safetensors").values())
 
 

@@ -29,7 +29,7 @@ def test_strip_and_add_prefix() -> None:
     t = table(module__a=torch.ones(1), module__b=torch.ones(2), c=torch.ones(3))
     out, _ = run([{"op": "strip_prefix", "prefix": "module."}], t)
     assert list(out) == ["a", "b", "c"]
-    assert out["a"].actions == ("stripped from module.a",)
+    assert [str(a) for a in out["a"].actions] == ["stripped from module.a"]
     out, _ = run([{"op": "add_prefix", "prefix": "backbone.", "pattern": "^[ab]$"}], out)
     assert list(out) == ["backbone.a", "backbone.b", "c"]
 
@@ -257,7 +257,7 @@ def test_fill_missing_copies_a_tied_weight_instead_of_overwriting_it() -> None:
         table(**{k.replace(".", "__"): v for k, v in state.items()}),
         target,
     )
-    assert "tied in the target" in out["lm_head.weight"].actions[-1]
+    assert "tied in the target" in str(out["lm_head.weight"].actions[-1])
     fresh = GPT2LMHeadModel(config)
     fresh.load_state_dict(materialise(out), strict=True)
     assert torch.equal(fresh.transformer.wte.weight, state["transformer.wte.weight"])

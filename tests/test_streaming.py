@@ -28,6 +28,7 @@ from ckptsurgeon.formats import (
     safetensors_writer,
     write_checkpoint,
 )
+from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.formats.integrity import verify_checkpoint
 from ckptsurgeon.formats.table import ByteSpan
 
@@ -80,7 +81,7 @@ def test_a_cast_of_a_cast_rounds_twice_like_torch(source, tmp_path: Path) -> Non
 def test_reshape_of_a_cast_still_streams(source, tmp_path: Path) -> None:
     path, tensors = source
     ref = open_checkpoint(path).tensors["matrix"].cast(torch.bfloat16)
-    reshaped = ref.derive(lambda t: t.reshape(1031, 513), "reshaped", keeps_bytes=True)
+    reshaped = ref.derive(lambda t: t.reshape(1031, 513), Action("reshaped"), keeps_bytes=True)
     assert reshaped.cast_from == ref.cast_from
     out = tmp_path / "r.safetensors"
     write_checkpoint({"m": reshaped}, str(out))
@@ -149,8 +150,8 @@ def test_a_negative_narrow_start_counts_from_the_end(source, tmp_path: Path) -> 
     path, tensors = source
     ref = open_checkpoint(path).tensors["matrix"]
     parts = {
-        "tail": ref.narrow(0, -13, 13, "tail"),
-        "cast": ref.cast(torch.half).narrow(0, -2, 1, "c"),
+        "tail": ref.narrow(0, -13, 13, Action("tail")),
+        "cast": ref.cast(torch.half).narrow(0, -2, 1, Action("c")),
     }
     assert parts["tail"].span == ref.span.sub(500 * 1031 * 4, 13 * 1031 * 4)
     out = tmp_path / "tail.safetensors"

@@ -8,14 +8,13 @@ Nothing is written unless the whole plan is valid.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from ckptsurgeon.errors import FitError, UsageError
+from ckptsurgeon.engine.report import ApplyReport, KeyEntry, SourceInfo
+from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.reader import Checkpoint, open_checkpoint
 from ckptsurgeon.formats.table import Table, cast_floating, dtype_name, parse_dtype
-from ckptsurgeon.paths import resolve
+from ckptsurgeon.rules.config import SourceSpec
 from ckptsurgeon.rules.document import RulesFile
 from ckptsurgeon.rules.ops import Context
 from ckptsurgeon.targets.check import CheckResult, check_table
@@ -31,46 +30,42 @@ class Plan:
     check: CheckResult | None
     output: str | None
 
-    def entries(self) -> list[dict[str, Any]]:
+    def entries(self) -> list[KeyEntry]:
         return [
-            {
-                "name": name,
-                "sources": list(ref.sources),
-                "shape": list(ref.shape),
-                "dtype": dtype_name(ref.dtype),
-                "actions": list(ref.actions) or ["kept"],
-                "bytes": ref.nbytes,
-            }
+            KeyEntry(
+                name=name,
+                sources=ref.sources,
+                shape=ref.shape,
+                dtype=dtype_name(ref.dtype),
+                actions=ref.actions,
+                bytes=ref.nbytes,
+            )
             for name, ref in self.table.items()
         ]
 
     def counts(self) -> dict[str, int]:
         verbs: Counter[str] = Counter()
         for ref in self.table.values():
-            for verb in {a.split(" ", 1)[0] for a in ref.actions} or {"kept"}:
+            for verb in {a.verb for a in ref.actions} or {"kept"}:
                 verbs[verb] += 1
         verbs["dropped"] = len(self.dropped)
         verbs["output keys"] = len(self.table)
         verbs["source keys"] = len(self.source.tensors)
         return dict(verbs)
 
-    def report(self, *, dry_run: bool) -> dict[str, Any]:
-        return {
-            "source": {
-                "path": self.source.path,
-                "format": self.source.format,
-                "container": self.source.container,
-                "note": self.source.note,
-            },
-            "target": self.target.description if self.target else None,
-            "output": self.output,
-            "dry_run": dry_run,
-            "keys": self.entries(),
-            "dropped": [{"name": n, "reason": r} for n, r in self.dropped.items()],
-            "counts": self.counts(),
-            "total_bytes": sum(r.nbytes for r in self.table.values()),
-            "check": self.check.to_dict() if self.check else None,
-        }
+    def report(self, *, dry_run: bool) -> ApplyReport:
+        src = self.source
+        return ApplyReport(
+            source=SourceInfo(src.path, src.format, src.container, src.note),
+            target=self.target.description if self.target else None,
+            output=self.output,
+            dry_run=dry_run,
+            keys=self.entries(),
+            dropped=dict(self.dropped),
+            counts=self.counts(),
+            total_bytes=sum(r.nbytes for r in self.table.values()),
+            check=self.check,
+        )
 
 
 def run_rules(
@@ -93,36 +88,17 @@ def _target_order(table: Table, target: TargetInfo | None) -> Table:
     return ordered
 
 
-def make_plan(
-    rules: RulesFile,
-    base_dir: str,
-    *,
-    source: str | None = None,
-    output: str | None = None,
-    key: str | None = None,
-    allow_globals: Iterable[str] = (),
-) -> Plan:
-    """Open the source, run the rules, apply the output dtype, and check against the target.
+def make_plan(rules: RulesFile, base_dir: str, source: SourceSpec, output: str | None) -> Plan:
+    """Open ``source`` (its path already resolved), run the rules, apply the output dtype,
+    and check against the target; ``output`` is the resolved output path, if any.
 
-    ``source``/``output`` override the rules file's (already resolved against the working
-    directory by the caller). A ``source`` given here replaces the file's whole ``source:``
-    entry, its ``key`` and ``allow_globals`` included (they describe that other file);
-    ``key`` and ``allow_globals`` given here apply either way, and ``allow_globals`` also
-    reach a reference-checkpoint target.
+    The source's ``allow_globals`` name trusted classes, not one file: a reference-checkpoint
+    target admits them too, as in ``check`` and ``diff``.
     """
-    spec = rules.source_spec
-    if source is None and spec is None:
-        raise UsageError("no source: give source: in the rules file or --source")
-    if source is None and spec is not None:
-        source = resolve(spec.path, base_dir)
-        key = key if key is not None else spec.key
-        allow_globals = [*spec.allow_globals, *allow_globals]
-    ckpt = open_checkpoint(source, key, allow_globals)
+    ckpt = open_checkpoint(source.path, source.key, source.allow_globals)
     target_spec = rules.target
-    if target_spec is not None and target_spec.checkpoint and allow_globals:
-        # They name trusted classes, not one file: the reference checkpoint admits them too,
-        # as in `check` and `diff`.
-        merged = [*target_spec.allow_globals, *allow_globals]
+    if target_spec is not None and target_spec.checkpoint and source.allow_globals:
+        merged = [*target_spec.allow_globals, *source.allow_globals]
         target_spec = target_spec.model_copy(update={"allow_globals": merged})
     target = resolve_target(target_spec, base_dir) if target_spec else None
 
@@ -136,17 +112,12 @@ def make_plan(
         if target
         else None
     )
-    out_path = (
-        output
-        if output is not None
-        else (resolve(out_spec.path, base_dir) if out_spec.path else None)
-    )
-    return Plan(ckpt, table, dropped, target, check, out_path)
+    return Plan(ckpt, table, dropped, target, check, output)
 
 
 class PlanFailed(FitError):
     """A plan that does not fit its target; carries the report for --json and --report."""
 
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
+    def __init__(self, message: str, report: ApplyReport) -> None:
         super().__init__(message)
         self.report = report

@@ -11,6 +11,7 @@ import torch
 
 from ckptsurgeon.errors import InputError, UsageError
 from ckptsurgeon.formats import dcp_io, safetensors_io, torch_io
+from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.formats.index import find_index, read_index
 from ckptsurgeon.formats.table import Table, from_tensor
 from ckptsurgeon.formats.torch_io import TORCH_SUFFIXES
@@ -194,7 +195,7 @@ def _open_torch(
             continue
         name = str(name)
         if value.layout != torch.strided:  # sparse buffers: no format here stores them as such
-            table[name] = from_tensor(value.detach().to_dense(), name, "read as dense")
+            table[name] = from_tensor(value.detach().to_dense(), name, Action("read", "as dense"))
             densified += 1
             continue
         table[name] = from_tensor(value.detach(), name)

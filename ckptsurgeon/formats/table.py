@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.formats.spans import ByteSpan, CastSpan
 
 
@@ -30,7 +31,7 @@ class TensorRef:
     loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     span: ByteSpan | None = None
     sources: tuple[str, ...] = ()
-    actions: tuple[str, ...] = ()
+    actions: tuple[Action, ...] = ()
     cast_from: CastSpan | None = None
 
     @property
@@ -51,14 +52,14 @@ class TensorRef:
             )
         return tensor
 
-    def with_action(self, action: str) -> TensorRef:
+    def with_action(self, action: Action) -> TensorRef:
         """The same tensor with one more entry in its history (a rename, say)."""
         return replace(self, actions=(*self.actions, action))
 
     def derive(
         self,
         fn: Callable[[torch.Tensor], torch.Tensor],
-        action: str,
+        action: Action,
         *,
         keeps_bytes: bool = False,
     ) -> TensorRef:
@@ -82,7 +83,7 @@ class TensorRef:
             cast_from=self.cast_from if same_bytes else None,
         )
 
-    def narrow(self, dim: int, start: int, length: int, action: str) -> TensorRef:
+    def narrow(self, dim: int, start: int, length: int, action: Action) -> TensorRef:
         """Elements ``start`` to ``start + length`` of dimension ``dim``, as ``Tensor.narrow``.
 
         When that slice is one contiguous run of the parent's bytes (every dimension before
@@ -112,7 +113,7 @@ class TensorRef:
         A cast of bytes that sit whole in a file records them as ``cast_from``, so writers
         can convert piece by piece in constant memory.
         """
-        action = f"cast to {dtype_name(dtype)}"
+        action = Action("cast", f"to {dtype_name(dtype)}")
         if dtype == self.dtype:
             return self.with_action(action)
         ref = self.derive(lambda t: t.to(dtype), action)
@@ -124,7 +125,7 @@ class TensorRef:
 def combine(
     parts: Sequence[TensorRef],
     fn: Callable[[list[torch.Tensor]], torch.Tensor],
-    action: str,
+    action: Action,
 ) -> TensorRef:
     """A new ref computed from several refs (a merge); shape and dtype found on meta."""
     metas = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in parts]
@@ -139,7 +140,7 @@ def combine(
     )
 
 
-def from_tensor(tensor: torch.Tensor, source: str, action: str | None = None) -> TensorRef:
+def from_tensor(tensor: torch.Tensor, source: str, action: Action | None = None) -> TensorRef:
     """Wrap an in-memory (or memory-mapped) tensor as a ref."""
     return TensorRef(
         shape=tuple(tensor.shape),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 from pydantic import Field, PositiveInt, model_validator
 
 from ckptsurgeon.errors import FitError
+from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.rules.config import DType, InitName, Pattern, Strict
 from ckptsurgeon.targets.seeds import derive_seed
 
@@ -93,7 +94,7 @@ def build_table(entries: Iterable[tuple[str, TensorRef, str]], ctx: Context) -> 
 
 
 def rename_keys(
-    table: Table, ctx: Context, new_name: Callable[[str], str | None], action: str
+    table: Table, ctx: Context, new_name: Callable[[str], str | None], verb: str
 ) -> tuple[Table, int]:
     """Rename every key for which ``new_name`` returns a new name; order is kept."""
     entries = []
@@ -102,7 +103,7 @@ def rename_keys(
         target = new_name(name)
         if target is not None and target != name:
             matched += 1
-            entries.append((target, ref.with_action(f"{action} from {name}"), name))
+            entries.append((target, ref.with_action(Action(verb, sources=(name,))), name))
         else:
             entries.append((name, ref, name))
     return build_table(entries, ctx), matched
@@ -268,7 +269,7 @@ class Transpose(TensorOp):
 
     def transform(self, name: str, ref: TensorRef, ctx: Context) -> TensorRef:
         a, b = self.dims
-        return ref.derive(lambda t: t.transpose(a, b), f"transposed {a},{b}")
+        return ref.derive(lambda t: t.transpose(a, b), Action("transposed", f"{a},{b}"))
 
 
 @register
@@ -281,7 +282,7 @@ class Reshape(TensorOp):
     def transform(self, name: str, ref: TensorRef, ctx: Context) -> TensorRef:
         shape = tuple(self.shape)
         return ref.derive(
-            lambda t: t.reshape(shape), f"reshaped to {list(shape)}", keeps_bytes=True
+            lambda t: t.reshape(shape), Action("reshaped", f"to {list(shape)}"), keeps_bytes=True
         )
 
 
@@ -335,7 +336,7 @@ class Split(Op):
                     self.dim,
                     start,
                     size,
-                    f"split from {name} [{start}:{start + size}] on dim {self.dim}",
+                    Action("split", f"[{start}:{start + size}] on dim {self.dim}", (name,)),
                 )
                 entries.append((_expand(match, template, ctx), part, name))
                 start += size
@@ -413,7 +414,7 @@ class Merge(Op):
                 ref = combine(
                     [table[n] for n in names],
                     lambda ts: torch.cat(ts, self.dim),
-                    f"merged from {', '.join(names)} on dim {self.dim}",
+                    Action("merged", f"on dim {self.dim}", tuple(names)),
                 )
             except RuntimeError as exc:
                 raise FitError(f"{ctx.where}: cannot concatenate {names}: {exc}") from None
@@ -445,7 +446,11 @@ class Copy(Op):
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
         entries = [(name, ref, name) for name, ref in table.items()]
         copies = [
-            (self.regex.sub(self.replace, name), ref.with_action(f"copied from {name}"), name)
+            (
+                self.regex.sub(self.replace, name),
+                ref.with_action(Action("copied", sources=(name,))),
+                name,
+            )
             for name, ref in table.items()
             if self.regex.search(name)
         ]
@@ -472,7 +477,7 @@ class Resize(TensorOp):
         old = ref.shape[dim]
         if size == old:
             return ref
-        action = f"resized dim {dim} {old}->{size} ({self.init})"
+        action = Action("resized", f"dim {dim} {old}->{size} ({self.init})")
         if size < old:
             return ref.narrow(dim, 0, size, action)
         if old == 0 and self.init == "mean":
@@ -524,7 +529,7 @@ class AdaptInputChannels(TensorOp):
                 w = w.repeat(1, math.ceil(n / 3), *([1] * (w.dim() - 2)))[:, :n] * (3 / n)
             return w.to(t.dtype)
 
-        return ref.derive(adapt, f"input channels {old}->{n}")
+        return ref.derive(adapt, Action("input", f"channels {old}->{n}"))
 
 
 class _FromTarget(Op):
@@ -569,7 +574,7 @@ class ReinitMismatched(_FromTarget):
         )
         fresh = self._fresh(names, ctx) if names else {}
         out = {
-            n: fresh[n].with_action(f"reinit (checkpoint had {list(ref.shape)})")
+            n: fresh[n].with_action(Action("reinit", f"(checkpoint had {list(ref.shape)})"))
             if n in fresh
             else ref
             for n, ref in table.items()
@@ -591,9 +596,11 @@ class FillMissing(_FromTarget):
         own = [n for n in names if n not in copies]
         fresh = self._fresh(own, ctx) if own else {}
         out = dict(table)
-        out.update({n: fresh[n].with_action("filled") for n in own})
+        out.update({n: fresh[n].with_action(Action("filled")) for n in own})
         for name, partner in copies.items():
-            out[name] = out[partner].with_action(f"filled from {partner} (tied in the target)")
+            out[name] = out[partner].with_action(
+                Action("filled", "(tied in the target)", (partner,))
+            )
         return out, len(names)
 
     @staticmethod

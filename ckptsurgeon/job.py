@@ -1,0 +1,268 @@
+"""One command's work as a value: a rules document, the folder its paths resolve against,
+how to read the source, and the steps plan -> check -> write -> fine-tune.
+
+The CLI and the Python API both build a :class:`Job` and run it, so the rules file is read
+once and every option lives in one place instead of being passed down through each layer.
+The job sits above the engine and the fine-tune runner because it is the one place that
+sequences them; neither of them imports it.
+
+This module imports no torch at import time: the CLI reads the job's source path (to hash
+it in the background) before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckptsurgeon.errors import UsageError
+from ckptsurgeon.paths import resolve, rules_folder, within
+from ckptsurgeon.rules.config import SourceSpec
+from ckptsurgeon.rules.document import RulesFile, load_rules
+
+if TYPE_CHECKING:
+    from ckptsurgeon.engine.plan import Plan
+    from ckptsurgeon.engine.report import ApplyReport
+    from ckptsurgeon.formats.prehash import SourceDigests
+    from ckptsurgeon.formats.writer import Progress
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read checkpoints: the nested container (``--key``) and the pickle classes to
+    admit (``--allow-global``), given on the command line or to the API."""
+
+    key: str | None = None
+    allow_globals: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How to write the output: progress, durability, and hashes computed ahead."""
+
+    progress: Progress | None = None
+    durable: bool = True
+    prehashed: SourceDigests | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A parsed rules document and everything needed to run it.
+
+    ``source`` and ``output`` override the document's (relative to the working directory,
+    as the CLI's ``--source``/``--output``). A ``source`` given here replaces the whole
+    ``source:`` entry, its ``key`` and ``allow_globals`` included (they describe that
+    other file); ``read`` applies either way.
+    """
+
+    document: RulesFile
+    base_dir: str
+    rules_path: str | None = None
+    source: str | None = None
+    output: str | None = None
+    read: ReadOptions = ReadOptions()
+
+    @classmethod
+    def from_file(
+        cls,
+        rules_path: str | os.PathLike,
+        *,
+        source: str | None = None,
+        output: str | None = None,
+        read: ReadOptions = ReadOptions(),
+    ) -> Job:
+        """Read and validate the rules file; its relative paths resolve against its folder."""
+        rules_path = os.fspath(rules_path)
+        return cls(
+            load_rules(rules_path), rules_folder(rules_path), rules_path, source, output, read
+        )
+
+    # -- what the job reads and writes ------------------------------------------------
+
+    def source_spec(self) -> SourceSpec:
+        """The source to read, its path resolved; UsageError when neither the document nor
+        the caller names one."""
+        if self.source is not None:
+            return SourceSpec(
+                path=self.source, key=self.read.key, allow_globals=list(self.read.allow_globals)
+            )
+        spec = self.document.source_spec
+        if spec is None:
+            raise UsageError("no source: give source: in the rules file or --source")
+        return SourceSpec(
+            path=resolve(spec.path, self.base_dir),
+            key=self.read.key if self.read.key is not None else spec.key,
+            allow_globals=[*spec.allow_globals, *self.read.allow_globals],
+        )
+
+    @property
+    def source_path(self) -> str | None:
+        """The source's path, or None when there is none (``run`` then says so)."""
+        if self.source is not None:
+            return self.source
+        spec = self.document.source_spec
+        return resolve(spec.path, self.base_dir) if spec else None
+
+    @property
+    def output_path(self) -> str | None:
+        if self.output is not None:
+            return self.output
+        path = self.document.output_spec.path
+        return resolve(path, self.base_dir) if path else None
+
+    def _fixed_inputs(self) -> list[str]:
+        """The rules file and the reference checkpoint or manifest a target names."""
+        target = self.document.target
+        named = [p for p in (target.checkpoint, target.manifest) if p] if target else []
+        files = [resolve(p, self.base_dir) for p in named]
+        return [self.rules_path, *files] if self.rules_path else files
+
+    # -- the steps ----------------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        """Open the source, run the rules and check the result; nothing is written."""
+        from ckptsurgeon.engine.plan import make_plan
+
+        return make_plan(self.document, self.base_dir, self.source_spec(), self.output_path)
+
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        finetune: bool = True,
+        write: WriteOptions = WriteOptions(),
+        report_path: str | None = None,
+        log: Log = print,
+    ) -> ApplyReport:
+        """Plan, check, write (unless ``dry_run``), then fine-tune when the document has a
+        ``finetune:`` section and ``finetune`` is true; returns the report.
+
+        Raises PlanFailed (exit 1) when the result does not fit the target; nothing is
+        written. ``report_path`` (where the caller will write the report) is refused, as
+        the output is, when it would overwrite an input or the output, or has no folder.
+        """
+        from ckptsurgeon.engine.plan import PlanFailed
+        from ckptsurgeon.engine.report import Written
+        from ckptsurgeon.formats.writer import (
+            check_output,
+            provenance,
+            refuse_overwriting_inputs,
+            write_checkpoint,
+        )
+
+        started = time.perf_counter()
+        plan = self.plan()
+        planned = time.perf_counter()
+        inputs = [plan.source.path, *plan.source.files, *self._fixed_inputs()]
+        if report_path is not None:
+            _check_report_path(report_path, inputs, plan.output)
+        report = plan.report(dry_run=dry_run)
+        if plan.check is not None and not plan.check.ok:
+            raise PlanFailed(
+                f"the result does not load strictly into {plan.check.target}; nothing was "
+                "written\n  " + "\n  ".join(plan.check.lines()),
+                report,
+            )
+        spec = self.document.output_spec
+        if plan.output is not None:  # what the write would refuse, a dry run refuses too
+            check_output(plan.output, spec.max_shard_size, plan.table.keys())
+            refuse_overwriting_inputs(plan.output, inputs)
+        if dry_run:
+            return report
+        if plan.output is None:
+            raise UsageError("no output: give output.path in the rules file or --output")
+        durable = spec.fsync and write.durable
+        result = write_checkpoint(
+            plan.table,
+            plan.output,
+            max_shard_size=spec.max_shard_size,
+            metadata=provenance(plan.source.path),
+            progress=write.progress,
+            durable=durable,
+            prehashed=write.prehashed,
+        )
+        report.written = Written(result.path, result.files, result.total_bytes, durable)
+        # The work itself, without interpreter start-up and imports (benchmarks compare it).
+        report.seconds = {
+            "plan": round(planned - started, 4),
+            "write": round(time.perf_counter() - planned, 4),
+        }
+        if finetune and self.document.finetune is not None:
+            report.finetune = self.finetune(weights=result.path, read=ReadOptions(), log=log)
+        return report
+
+    def finetune(
+        self,
+        *,
+        weights: str | None = None,
+        read: ReadOptions | None = None,
+        resume: bool = False,
+        log: Log = print,
+    ) -> dict[str, Any]:
+        """Build the model the ``finetune:`` section names, load its weights, and train it.
+
+        ``weights`` defaults to ``finetune.weights``, then to the document's output; they
+        are read with ``read`` (default: this job's options; the output ``run`` has just
+        written is plain safetensors and needs none).
+        """
+        read = self.read if read is None else read
+        from ckptsurgeon.engine.load import load_into
+        from ckptsurgeon.finetune.runner import run_finetune
+        from ckptsurgeon.targets.spec import build_model
+
+        spec = self.document.finetune
+        if spec is None:
+            raise UsageError("this file has no finetune: section")
+        target = self.document.target
+        model_spec = spec.model or (target.model if target else None)
+        if not model_spec:
+            raise UsageError("finetune.model is not set and there is no target.model to default to")
+        kwargs = (
+            spec.kwargs
+            if spec.kwargs is not None
+            else (target.kwargs if target and target.model == model_spec else {})
+        )
+        if weights is None and spec.weights:
+            weights = resolve(spec.weights, self.base_dir)
+        if weights is None:
+            path = self.document.output_spec.path
+            weights = resolve(path, self.base_dir) if path else None
+        model = build_model(model_spec, kwargs, self.base_dir, device="cpu")
+        if weights is not None:
+            if not os.path.exists(weights):
+                raise UsageError(
+                    f"finetune weights {weights} do not exist (run apply first, or set "
+                    "finetune.weights)"
+                )
+            load_into(model, weights, key=read.key, allow_globals=read.allow_globals)
+            log(f"fine-tuning {model_spec} from {weights}")
+        else:
+            log(f"fine-tuning {model_spec} from its own initialisation (no weights given)")
+        return run_finetune(
+            spec,
+            model,
+            base_dir=self.base_dir,
+            resume=resume,
+            log=log,
+            source=weights or model_spec,
+        )
+
+
+def _check_report_path(report_path: str, inputs: list[str], output: str | None) -> None:
+    """Refuse, before anything is written, a report that would land on an input or on the
+    output, or in a folder that does not exist (the write would fail after the output)."""
+    from ckptsurgeon.formats.writer import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs(report_path, inputs, what="--report")
+    if output is not None and within(os.path.realpath(report_path), os.path.realpath(output)):
+        raise UsageError(f"--report {report_path} would overwrite the output {output}")
+    folder = os.path.dirname(os.path.abspath(report_path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--report {report_path}: no folder {folder}")
+    if os.path.isdir(report_path):
+        raise UsageError(f"--report {report_path} is a folder; give a file path")
