@@ -7,16 +7,11 @@ from collections.abc import Iterable
 
 from ckptsurgeon.engine.load import load_into
 from ckptsurgeon.errors import UsageError
+from ckptsurgeon.formats.atomic import refuse_overwriting_inputs
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.reader import open_checkpoint
 from ckptsurgeon.formats.table import LazyStateDict, cast_floating, parse_dtype
-from ckptsurgeon.formats.writer import (
-    Progress,
-    WriteResult,
-    provenance,
-    refuse_overwriting_inputs,
-    write_checkpoint,
-)
+from ckptsurgeon.formats.writer import Progress, WriteResult, provenance, write_checkpoint
 
 __all__ = ["apply", "check", "convert", "load", "load_into"]
 

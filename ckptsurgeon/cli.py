@@ -275,7 +275,7 @@ def _log_for(as_json: bool) -> Callable[[str], None]:
 def _emit_report(report: dict, as_json: bool, path: str | None, show: bool) -> None:
     if path:
         from ckptsurgeon.errors import OutputError
-        from ckptsurgeon.formats.writer import atomic_path
+        from ckptsurgeon.formats.atomic import atomic_path
 
         # A regular file is replaced atomically; a pipe, a link or /dev/stdout is written
         # through, as a shell redirection would.

@@ -148,12 +148,8 @@ class Job:
         """
         from ckptsurgeon.engine.plan import PlanFailed
         from ckptsurgeon.engine.report import Written
-        from ckptsurgeon.formats.writer import (
-            check_output,
-            provenance,
-            refuse_overwriting_inputs,
-            write_checkpoint,
-        )
+        from ckptsurgeon.formats.atomic import refuse_overwriting_inputs
+        from ckptsurgeon.formats.writer import check_output, provenance, write_checkpoint
 
         started = time.perf_counter()
         plan = self.plan()
@@ -256,7 +252,7 @@ class Job:
 def _check_report_path(report_path: str, inputs: list[str], output: str | None) -> None:
     """Refuse, before anything is written, a report that would land on an input or on the
     output, or in a folder that does not exist (the write would fail after the output)."""
-    from ckptsurgeon.formats.writer import refuse_overwriting_inputs
+    from ckptsurgeon.formats.atomic import refuse_overwriting_inputs
 
     refuse_overwriting_inputs(report_path, inputs, what="--report")
     if output is not None and within(os.path.realpath(report_path), os.path.realpath(output)):

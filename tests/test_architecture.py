@@ -109,3 +109,14 @@ def test_layers_below_do_not_import_layers_above() -> None:
             if here is not None and there is not None and there > here:
                 upward.append(f"{module} -> {dep}")
     assert not upward, sorted(upward)
+
+
+def test_the_job_rules_and_atomic_writes_import_no_torch() -> None:
+    """The CLI hashes the source ahead and writes --report before torch is loaded."""
+    import subprocess
+    import sys
+
+    modules = ["ckptsurgeon.job", "ckptsurgeon.rules.document", "ckptsurgeon.formats.atomic"]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -31,9 +31,9 @@ from ckptsurgeon.api import apply as apply_file
 from ckptsurgeon.cli import cli
 from ckptsurgeon.errors import InputError, OutputError
 from ckptsurgeon.formats import open_checkpoint, write_checkpoint
+from ckptsurgeon.formats.atomic import TMP_MARK, clean_stale_temporaries
 from ckptsurgeon.formats.integrity import verify_checkpoint
 from ckptsurgeon.formats.table import TensorRef, from_tensor
-from ckptsurgeon.formats.writer import TMP_MARK, clean_stale_temporaries
 
 INDEX = "model.safetensors.index.json"
 ROWS, COLS, COUNT = 1024, 2048, 32  # 32 tensors of 8 MiB: a 256 MiB source in 4 shards
@@ -104,12 +104,12 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _INJECT = {
     # After every byte is written and fsynced, before the output is swapped into place.
     "before-commit": """
-        import ckptsurgeon.formats.writer as w
+        import ckptsurgeon.formats.atomic as w
         w.exchange = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)
     """,
     # The new output is in place; the previous one sits in a temporary about to be removed.
     "after-swap": """
-        import ckptsurgeon.formats.writer as w
+        import ckptsurgeon.formats.atomic as w
         remove = w._remove
         def _remove(path):
             if w.TMP_MARK in path:
@@ -120,7 +120,7 @@ _INJECT = {
     # No atomic exchange here (the fallback): killed between moving the previous output
     # aside and moving the new one in, the moment the output path is briefly empty.
     "between-renames": """
-        import ckptsurgeon.formats.writer as w
+        import ckptsurgeon.formats.atomic as w
         w.exchange = lambda a, b: False
         rename = os.rename
         def _rename(a, b):
@@ -277,7 +277,7 @@ def test_succeeding_rerun_replaces_atomically(
     """A reader polling the output during the re-run only ever sees a complete
     checkpoint: the old one, then the new one (with the atomic exchange; the fallback
     guarantees old-or-new-or-absent, never partial)."""
-    import ckptsurgeon.formats.writer as writer
+    import ckptsurgeon.formats.atomic as writer
 
     if swap == "two-renames":
         monkeypatch.setattr(writer, "exchange", lambda a, b: False)
