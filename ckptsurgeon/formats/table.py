@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ckptsurgeon.formats.actions import Action
+from ckptsurgeon.formats.dtypes import canonical_dtype
 from ckptsurgeon.formats.spans import ByteSpan, CastSpan
 
 
@@ -164,17 +165,9 @@ Table = dict[str, TensorRef]
 """Name -> tensor ref, in checkpoint order. Rules map one table to the next."""
 
 
-DTYPE_ALIASES = {
-    "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-    "float": "float32", "fp64": "float64", "double": "float64",
-    "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2",
-}  # fmt: skip
-
-
 def parse_dtype(name: str) -> torch.dtype:
     """``"bf16"``/``"bfloat16"``/``"torch.bfloat16"`` -> ``torch.bfloat16``."""
-    key = name.removeprefix("torch.").lower()
-    dtype = getattr(torch, DTYPE_ALIASES.get(key, key), None)
+    dtype = getattr(torch, canonical_dtype(name), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype

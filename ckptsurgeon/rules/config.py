@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
+from ckptsurgeon.formats.dtypes import FLOAT_DTYPES, KNOWN_NAMES, OTHER_DTYPES, canonical_dtype
 from ckptsurgeon.schema import Strict
 from ckptsurgeon.targets.config import TargetSpec
 
@@ -18,12 +19,6 @@ __all__ = ["Strict", "TargetSpec"]
 
 # Initialisations available where there is no model to take them from.
 InitName = Literal["zeros", "ones", "normal", "xavier_uniform", "kaiming_uniform"]
-
-FLOAT_DTYPES = (
-    "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64", "half",
-    "float", "double", "float8_e4m3fn", "float8_e5m2", "fp8_e4m3", "fp8_e5m2",
-)  # fmt: skip
-KNOWN_DTYPES = (*FLOAT_DTYPES, "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
 def _check_regex(pattern: str) -> str:
@@ -35,14 +30,14 @@ def _check_regex(pattern: str) -> str:
 
 
 def _check_dtype(name: str) -> str:
-    if name.removeprefix("torch.").lower() not in KNOWN_DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; one of {', '.join(KNOWN_DTYPES)}")
+    if canonical_dtype(name) not in (*FLOAT_DTYPES, *OTHER_DTYPES):
+        raise ValueError(f"unknown dtype {name!r}; one of {', '.join(KNOWN_NAMES)}")
     return name
 
 
 def _check_float_dtype(name: str) -> str:
     _check_dtype(name)
-    if name.removeprefix("torch.").lower() not in FLOAT_DTYPES:
+    if canonical_dtype(name) not in FLOAT_DTYPES:
         raise ValueError(
             f"{name!r} is not a floating-point dtype: output.dtype converts every floating "
             "tensor; to change particular tensors, use a cast rule with a pattern"

@@ -145,18 +145,23 @@ class AddPrefix(Op):
         )
 
 
-@register
-class Rename(Op):
-    """Regex rename: ``re.sub(pattern, replace, key)`` on every matching key."""
+class _Substitution(Op):
+    """An op that names its new keys ``re.sub(pattern, replace, key)``."""
 
-    op: Literal["rename"] = "rename"
     pattern: Pattern
     replace: str
 
     @model_validator(mode="after")
-    def _template_fits(self) -> Rename:
+    def _template_fits(self) -> _Substitution:
         check_template(self.pattern, self.replace)
         return self
+
+
+@register
+class Rename(_Substitution):
+    """Regex rename: ``re.sub(pattern, replace, key)`` on every matching key."""
+
+    op: Literal["rename"] = "rename"
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
         def new(name: str) -> str | None:
@@ -431,17 +436,10 @@ class Merge(Op):
 
 
 @register
-class Copy(Op):
+class Copy(_Substitution):
     """Duplicate matching keys under ``re.sub(pattern, replace, key)`` (tied weights)."""
 
     op: Literal["copy"] = "copy"
-    pattern: Pattern
-    replace: str
-
-    @model_validator(mode="after")
-    def _template_fits(self) -> Copy:
-        check_template(self.pattern, self.replace)
-        return self
 
     def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
         entries = [(name, ref, name) for name, ref in table.items()]
