@@ -209,7 +209,7 @@ class Job:
         read = self.read if read is None else read
         from ckptsurgeon.engine.load import load_into
         from ckptsurgeon.finetune.runner import run_finetune
-        from ckptsurgeon.targets.spec import build_model
+        from ckptsurgeon.targets.models import build_model
 
         spec = self.document.finetune
         if spec is None:

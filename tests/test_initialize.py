@@ -20,8 +20,9 @@ from ckptsurgeon.engine.plan import run_rules
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.table import from_tensor
 from ckptsurgeon.rules.document import parse_rules
+from ckptsurgeon.targets.models import build_model
 from ckptsurgeon.targets.seeds import derive_seed
-from ckptsurgeon.targets.spec import TargetInfo, build_model, expected_from_model
+from ckptsurgeon.targets.spec import TargetInfo, expected_from_model
 
 VIT = "torchvision.models.vision_transformer:VisionTransformer"
 VIT_KW = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)

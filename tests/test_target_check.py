@@ -24,7 +24,8 @@ import ckptsurgeon
 from ckptsurgeon.formats import open_checkpoint
 from ckptsurgeon.rules.config import TargetSpec
 from ckptsurgeon.targets.check import CheckResult, check_table
-from ckptsurgeon.targets.spec import load_callable, resolve_target, target_from_cli
+from ckptsurgeon.targets.models import load_callable
+from ckptsurgeon.targets.spec import resolve_target, target_from_cli
 
 RESNET18_10 = ("torchvision.models:resnet18", {"num_classes": 10})
 

@@ -70,7 +70,7 @@ def build_dataset(spec: DataSpec, base_dir: str) -> Dataset:
         ])  # fmt: skip
         return datasets.ImageFolder(resolve(spec.image_folder, base_dir), transform=transform)
     assert isinstance(spec, FactoryData)
-    from ckptsurgeon.targets.spec import load_callable
+    from ckptsurgeon.targets.models import load_callable
 
     dataset: Any = load_callable(spec.factory, base_dir)(**spec.kwargs)
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
