@@ -13,13 +13,14 @@ from ckptsurgeon.errors import (
     RulesError,
     UnsafeInputError,
     UsageError,
+    VerifyError,
 )
 
 
 def __getattr__(name: str):
     # The API pulls in torch; importing it lazily keeps `import ckptsurgeon` (and the CLI's
     # --help, validate and schema) fast.
-    if name in {"apply", "load", "load_into", "convert", "check"}:
+    if name in {"apply", "load", "load_into", "convert", "check", "verify"}:
         from ckptsurgeon import api
 
         return getattr(api, name)
@@ -34,10 +35,12 @@ __all__ = [
     "RulesError",
     "UnsafeInputError",
     "UsageError",
+    "VerifyError",
     "__version__",
     "apply",
     "check",
     "convert",
     "load",
     "load_into",
+    "verify",
 ]

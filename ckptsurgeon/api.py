@@ -13,7 +13,7 @@ from ckptsurgeon.formats.reader import open_checkpoint
 from ckptsurgeon.formats.table import LazyStateDict, cast_floating, parse_dtype
 from ckptsurgeon.formats.writer import Progress, WriteResult, provenance, write_checkpoint
 
-__all__ = ["apply", "check", "convert", "load", "load_into"]
+__all__ = ["apply", "check", "convert", "load", "load_into", "verify"]
 
 
 def load(
@@ -102,3 +102,22 @@ def check(
 
     info = target_from_cli(target, json.dumps(kwargs) if kwargs else None, allow_globals)
     return check_table(open_checkpoint(path, key, allow_globals).tensors, info)
+
+
+def verify(
+    rules: str | os.PathLike,
+    *,
+    output: str | None = None,
+    source: str | None = None,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
+) -> dict:
+    """Run a rules file's ``verify:`` section on its written output (``output`` overrides
+    the file's); returns the verification report (a dict with ``ok``), as
+    ``ckptsurgeon verify`` prints it."""
+    from ckptsurgeon.job import Job, ReadOptions
+
+    job = Job.from_file(
+        rules, source=source, output=output, read=ReadOptions(key, tuple(allow_globals))
+    )
+    return job.verify().to_dict()

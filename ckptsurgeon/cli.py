@@ -225,6 +225,7 @@ def apply(
     )
     with _hashing_ahead(None if dry_run else job.source_path) as prehashed:
         from ckptsurgeon.engine.plan import PlanFailed
+        from ckptsurgeon.engine.verify import VerifyFailed
         from ckptsurgeon.reporting import plan as plan_report
         from ckptsurgeon.reporting.progress import ByteProgress
 
@@ -237,7 +238,7 @@ def apply(
                     write=WriteOptions(progress, not no_fsync, prehashed),
                     report_path=report_path,
                 )
-        except PlanFailed as exc:
+        except (PlanFailed, VerifyFailed) as exc:
             _emit_report(exc.report.to_dict(), as_json, report_path, show=as_json)
             raise
     if not as_json and not quiet:
@@ -389,6 +390,40 @@ def diff(
             click.echo(line)
     if not (report.reconciled if suggest else report.identical):
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("rules_file", metavar="RULES.yaml")
+@click.option("--output", default=None, help="Verify this output (relative to cwd).")
+@click.option("--source", default=None, help="Override the rules file's source (relative to cwd).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@source_options
+@handle_errors
+def verify(
+    rules_file: str,
+    output: str | None,
+    source: str | None,
+    as_json: bool,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+) -> None:
+    """Does the written output compute what the source computed? (the file's verify:
+    section). Exit 0 if so, 4 if not."""
+    from ckptsurgeon.job import Job, ReadOptions
+
+    job = Job.from_file(
+        rules_file, source=source, output=output, read=ReadOptions(key, allow_globals)
+    )
+    result = job.verify()
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        verdict = "computes" if result.ok else "does NOT compute"
+        click.echo(f"{job.output_path} {verdict} what the source computed")
+        for line in result.lines():
+            click.echo(f"  {line}")
+    if not result.ok:
+        sys.exit(4)
 
 
 @cli.command()

@@ -6,6 +6,7 @@ users see the same categories:
 * :class:`UsageError` (and :class:`RulesError`) -> 2: the request itself is wrong.
 * :class:`FitError` -> 1: the checkpoint does not fit the rules or the target.
 * :class:`InputError` (and :class:`UnsafeInputError`) -> 3: the input cannot be read safely.
+* :class:`VerifyError` -> 4: the result loads but does not compute what the source did.
 """
 
 from __future__ import annotations
@@ -49,3 +50,9 @@ class OutputError(CkptSurgeonError):
     """Writing the output failed (disk full, permissions); nothing was left behind."""
 
     exit_code = 1
+
+
+class VerifyError(CkptSurgeonError):
+    """The result loads strictly but does not compute what the source computed."""
+
+    exit_code = 4

@@ -1,5 +1,6 @@
 """One command's work as a value: a rules document, the folder its paths resolve against,
-how to read the source, and the steps plan -> check -> write -> fine-tune.
+how to read the source, and the steps plan -> check -> write (-> verify, before the output
+is moved into place) -> fine-tune.
 
 The CLI and the Python API both build a :class:`Job` and run it, so the rules file is read
 once and every option lives in one place instead of being passed down through each layer.
@@ -26,6 +27,7 @@ from ckptsurgeon.rules.document import RulesFile, load_rules
 if TYPE_CHECKING:
     from ckptsurgeon.engine.plan import Plan
     from ckptsurgeon.engine.report import ApplyReport
+    from ckptsurgeon.engine.verify import VerifyResult
     from ckptsurgeon.formats.prehash import SourceDigests
     from ckptsurgeon.formats.writer import Progress
 
@@ -173,6 +175,13 @@ class Job:
         if plan.output is None:
             raise UsageError("no output: give output.path in the rules file or --output")
         durable = spec.fsync and write.durable
+
+        def verify_before_commit(written: str) -> None:
+            from ckptsurgeon.engine.verify import raise_if_failed
+
+            report.verify = self._verify(plan, written)
+            raise_if_failed(report.verify, report)
+
         result = write_checkpoint(
             plan.table,
             plan.output,
@@ -181,6 +190,7 @@ class Job:
             progress=write.progress,
             durable=durable,
             prehashed=write.prehashed,
+            before_commit=verify_before_commit if self.document.verify else None,
         )
         report.written = Written(result.path, result.files, result.total_bytes, durable)
         # The work itself, without interpreter start-up and imports (benchmarks compare it).
@@ -191,6 +201,35 @@ class Job:
         if finetune and self.document.finetune is not None:
             report.finetune = self.finetune(weights=result.path, read=ReadOptions(), log=log)
         return report
+
+    def verify(self) -> VerifyResult:
+        """Verify the output already written (``ckptsurgeon verify``): does it compute what
+        the source computed? UsageError when there is no ``verify:`` section or no output."""
+        if self.document.verify is None:
+            raise UsageError("this file has no verify: section")
+        plan = self.plan()
+        if plan.output is None or not os.path.exists(plan.output):
+            raise UsageError(
+                f"no output at {plan.output} to verify: run apply first, or give --output"
+                if plan.output
+                else "no output: give output.path in the rules file or --output"
+            )
+        return self._verify(plan, plan.output)
+
+    def _verify(self, plan: Plan, result: str) -> VerifyResult:
+        from ckptsurgeon.engine.verify import verify
+
+        spec, target = self.document.verify, self.document.target
+        assert spec is not None and target is not None  # checked when the file was read
+        return verify(
+            spec,
+            seed=self.document.seed,
+            base_dir=self.base_dir,
+            source=self.source_spec(),
+            target=target,
+            result=result,
+            result_plan=plan.table,
+        )
 
     def finetune(
         self,

@@ -7,10 +7,13 @@ human table in :mod:`ckptsurgeon.reporting.plan` reads the same value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.targets.check import CheckResult
+
+if TYPE_CHECKING:
+    from ckptsurgeon.engine.verify import VerifyResult
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ class Written:
 
 @dataclass
 class ApplyReport:
-    """The report of one ``apply``; ``written``, ``seconds`` and ``finetune`` are set by the
-    steps that ran (a dry run has none of them)."""
+    """The report of one ``apply``; ``written``, ``seconds``, ``verify`` and ``finetune`` are
+    set by the steps that ran (a dry run has none of them)."""
 
     source: SourceInfo
     target: str | None
@@ -87,6 +90,7 @@ class ApplyReport:
     check: CheckResult | None
     written: Written | None = None
     seconds: dict[str, float] | None = None
+    verify: VerifyResult | None = None
     finetune: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +109,8 @@ class ApplyReport:
             out["written"] = self.written.to_dict()
         if self.seconds is not None:
             out["seconds"] = self.seconds
+        if self.verify is not None:
+            out["verify"] = self.verify.to_dict()
         if self.finetune is not None:
             out["finetune"] = self.finetune
         return out

@@ -1,4 +1,4 @@
-"""Calling a model on a batch and finding its output tensor (``.logits``, tuples, tensors)."""
+"""Calling a model on a batch and moving batches to its device."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckptsurgeon.targets.outputs import output_tensor
+
 
 def model_output(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Call the model (``model(**inputs)`` for a mapping) and return its logits."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
+    return output_tensor(model(**inputs) if isinstance(inputs, dict) else model(inputs))
 
 
 def to_device(inputs: Any, device: torch.device) -> Any:

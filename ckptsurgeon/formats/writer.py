@@ -9,7 +9,7 @@ import errno
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -128,6 +128,7 @@ def write_checkpoint(
     progress: Progress | None = None,
     durable: bool = True,
     prehashed: SourceDigests | None = None,
+    before_commit: Callable[[str], None] | None = None,
 ) -> WriteResult:
     """Write ``table`` to ``path`` atomically; the suffix picks the format (see output_kind).
 
@@ -135,6 +136,8 @@ def write_checkpoint(
     a power cut too; without it the write is still atomic against crashes of this process
     (kill -9), and costs what ``cp -r`` costs instead of waiting for the disk.
     ``prehashed``: digests of source tensors already computed (safetensors outputs).
+    ``before_commit`` is called with the temporary file or folder once every byte is
+    written, before it is moved into place; if it raises, nothing appears at ``path``.
     """
     kind = check_output(path, max_shard_size, table.keys())
     metadata = {"format": "pt", **(metadata or {})}
@@ -159,6 +162,8 @@ def write_checkpoint(
                     tmp, items, max_shard_size, metadata, on_bytes, durable, prehashed
                 )
                 files = [os.path.join(path, n) for n in names]
+            if before_commit is not None:
+                before_commit(tmp)
     except OSError as exc:
         raise OutputError(
             f"writing {path} failed, nothing was written: {exc.strerror or exc}"

@@ -65,6 +65,13 @@ def render(report: ApplyReport, console: Console) -> None:
         )
         for name, was, becomes in check.dtype[:5]:
             console.print(f"  dtype {name}: {was} -> {becomes} on load")
+    if report.verify is not None:
+        verdict = (
+            "[green]computes what the source computed[/]" if report.verify.ok else "[red]FAILS[/]"
+        )
+        console.print(f"verify: {verdict}")
+        for line in report.verify.lines():
+            console.print(f"  {line}", markup=False, highlight=False)
     if report.dry_run:
         console.print(
             f"dry run: nothing written (would write {report.output or '(no output set)'})"

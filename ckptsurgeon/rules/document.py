@@ -12,6 +12,7 @@ from ckptsurgeon.rules import yamlnodes
 from ckptsurgeon.rules.config import CheckSpec, OutputSpec, SourceSpec, Strict, TargetSpec
 from ckptsurgeon.rules.finetune import FinetuneSpec
 from ckptsurgeon.rules.ops import AnyOp
+from ckptsurgeon.rules.verify import VerifySpec
 
 
 class RulesFile(Strict):
@@ -25,6 +26,7 @@ class RulesFile(Strict):
     rules: list[AnyOp] = Field(default_factory=list)  # type: ignore[valid-type]
     check: CheckSpec = Field(default_factory=CheckSpec)
     finetune: FinetuneSpec | None = None
+    verify: VerifySpec | None = None
 
     @property
     def source_spec(self) -> SourceSpec | None:
@@ -124,6 +126,11 @@ def _check_target_given(rules: RulesFile, located: yamlnodes.Located) -> None:
     """A file's reinit/fill ops take fresh values from its target; without one they could
     only fail at apply time (or, marked optional, quietly do nothing). The Python API
     passes its target beside the rules, so only files are held to this."""
+    if rules.verify is not None and not (rules.target and rules.target.model):
+        raise RulesError(
+            f"invalid rules file:\n  {located.where(('verify',))}: verify: needs target.model "
+            "(the model the result is loaded into and run)"
+        )
     if rules.target is not None:
         return
     for i, op in enumerate(rules.rules):

@@ -1,0 +1,551 @@
+"""Verification: does the result compute what the source computed?
+
+The *reference* model is loaded with the source checkpoint, the *candidate* (the target
+model) with the result; both run on the same seeded inputs in eval mode under
+``torch.no_grad()``, and their outputs (or named module outputs) are compared.
+
+When they diverge, the first module responsible is found by walking the module tree of
+the candidate: modules are matched across the two models through the plan (a module whose
+parameters all came from one reference module is that module, whatever it is called now),
+and at each level the first matched child whose output diverges while its input agrees is
+descended into. Modules whose weights were re-initialised are expected to differ; modules
+whose rows were reordered on purpose (``permute_rope``) or split apart are not comparable
+one by one and are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckptsurgeon.engine.plan import run_rules
+from ckptsurgeon.errors import UsageError, VerifyError
+from ckptsurgeon.formats.reader import open_checkpoint
+from ckptsurgeon.formats.table import Table, parse_dtype
+from ckptsurgeon.paths import resolve
+from ckptsurgeon.rules.config import SourceSpec
+from ckptsurgeon.rules.document import RulesFile
+from ckptsurgeon.rules.verify import ModulePair, VerifySpec
+from ckptsurgeon.targets.check import check_table
+from ckptsurgeon.targets.config import TargetSpec
+from ckptsurgeon.targets.models import build_model
+from ckptsurgeon.targets.outputs import output_tensor
+from ckptsurgeon.targets.spec import TargetInfo, expected_from_model
+
+# (atol, rtol) by the least precise floating dtype of the result: bf16 keeps 8 bits of
+# mantissa, fp16 11, fp32 24; the bounds leave room for the rounding of a whole forward pass.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-8, 1e-7),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float8_e4m3fn: (1e-1, 1e-1),
+    torch.float8_e5m2: (2e-1, 2e-1),
+}
+# Logits may differ within tolerance, yet the predicted token should not change.
+TOP1_AGREEMENT = 0.99
+# Verbs after which a key holds values made on purpose, not converted (see rules/ops.py).
+FRESH_VERBS = frozenset({"reinit", "filled", "resized"})
+# Verbs after which a module's output is reordered or cut apart on purpose.
+RELAYOUT_VERBS = frozenset({"permuted", "split", "merged"})
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One compared pair of outputs."""
+
+    reference: str
+    candidate: str
+    max_abs_err: float
+    max_rel_err: float
+    ok: bool
+    top1_agreement: float | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "ok": self.ok,
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+        }
+        if self.top1_agreement is not None:
+            out["top1_agreement"] = self.top1_agreement
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    def line(self) -> str:
+        name = (
+            self.candidate
+            if self.candidate == self.reference
+            else (f"{self.candidate} (reference: {self.reference})")
+        )
+        text = f"{name}: max abs err {self.max_abs_err:.2e}, max rel err {self.max_rel_err:.2e}"
+        if self.top1_agreement is not None:
+            text += f", top-1 agreement {self.top1_agreement:.1%}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+@dataclass
+class VerifyResult:
+    """The verdict, every comparison, and where the two models first diverge."""
+
+    ok: bool
+    compared: list[Comparison]
+    atol: float
+    rtol: float
+    first_divergence: Comparison | None = None
+    expected_to_differ: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_divergence
+        return {
+            "ok": self.ok,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "compared": [c.to_dict() for c in self.compared],
+            "first_divergence": first.to_dict() if first else None,
+            "expected_to_differ": self.expected_to_differ,
+        }
+
+    def lines(self) -> list[str]:
+        out = [("ok   " if c.ok else "FAIL ") + c.line() for c in self.compared]
+        if self.first_divergence is not None:
+            out.append("first module to diverge: " + self.first_divergence.line())
+        return out
+
+
+# -- the models ----------------------------------------------------------------------------
+
+
+def _load(model: nn.Module, table: Table, what: str) -> None:
+    """Load ``table`` strictly into ``model``; UsageError naming ``what`` when it does not fit
+    (a verify section whose reference the source does not load into is a bad section)."""
+    target = TargetInfo(f"model {type(model).__name__}", expected_from_model(model), model)
+    result = check_table(table, target)
+    if not result.ok:
+        raise UsageError(
+            f"{what} does not load strictly into {type(model).__name__}:\n  "
+            + "\n  ".join(result.lines()[:8])
+        )
+    model.load_state_dict({name: ref.load() for name, ref in table.items()}, strict=True)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"verify.device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"verify.device {name}: no CUDA device here")
+    return device
+
+
+def make_inputs(
+    spec: VerifySpec, seed: int, base_dir: str, device: torch.device
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Positional and keyword inputs: seeded random tensors, or a recorded tensors file."""
+    if spec.file is not None:
+        tensors = open_checkpoint(resolve(spec.file, base_dir)).tensors
+        return [], {name: ref.load().to(device) for name, ref in tensors.items()}
+    gen = torch.Generator().manual_seed(seed)
+    args: list[torch.Tensor] = []
+    kwargs: dict[str, torch.Tensor] = {}
+    for item in spec.inputs:
+        dtype = parse_dtype(item.dtype)
+        if dtype.is_floating_point:
+            value = torch.randn(item.shape, generator=gen).to(dtype)
+        elif dtype == torch.bool:
+            value = torch.randint(0, 2, item.shape, generator=gen).bool()
+        else:
+            assert item.high is not None  # the schema requires it for integers
+            value = torch.randint(item.low, item.high, item.shape, generator=gen, dtype=dtype)
+        if item.name is None:
+            args.append(value.to(device))
+        else:
+            kwargs[item.name] = value.to(device)
+    return args, kwargs
+
+
+# -- recording module outputs -----------------------------------------------------------
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a module's input or output, in order (ModelOutputs, tuples, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if hasattr(value, "to_tuple"):  # a transformers ModelOutput
+        value = value.to_tuple()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+@dataclass
+class _Call:
+    order: int
+    input: torch.Tensor | None
+    output: list[torch.Tensor]
+
+
+@contextmanager
+def _recording(model: nn.Module, names: set[str]) -> Iterator[dict[str, _Call]]:
+    """Record the first call of each named module: when it started, its first tensor input,
+    and its output tensors (cloned: an in-place activation would change them later)."""
+    calls: dict[str, _Call] = {}
+    started: dict[str, tuple[int, torch.Tensor | None]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name not in names:
+            continue
+
+        def before(mod: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            if name not in started:
+                first = _tensors(list(args) + list(kwargs.values()))
+                started[name] = (len(started), first[0].detach().clone() if first else None)
+
+        def after(mod: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = name) -> None:
+            if name not in calls and name in started:
+                order, first = started[name]
+                calls[name] = _Call(order, first, [t.detach().clone() for t in _tensors(out)])
+
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run(model: nn.Module, args: list, kwargs: dict, which: str) -> Any:
+    try:
+        return model(*args, **kwargs)
+    except Exception as exc:  # a model that rejects the inputs is a bad verify section
+        raise UsageError(
+            f"verify: the {which} model raised {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+
+
+# -- comparing ---------------------------------------------------------------------------
+
+
+def _errors(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float, float]:
+    """Max absolute error, max error relative to the reference's largest value, and that
+    largest value."""
+    a, b = ref.double(), cand.double()
+    if a.numel() == 0:
+        return 0.0, 0.0, 0.0
+    diff = (a - b).abs()
+    bad = ~torch.isfinite(b) & torch.isfinite(a)
+    max_abs = math.inf if bad.any() else float(diff.max())
+    scale = float(a.abs().max())
+    return max_abs, max_abs / scale if scale > 0 else max_abs, scale
+
+
+def _agree(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float) -> bool:
+    if ref.shape != cand.shape:
+        return False
+    if not ref.is_floating_point():
+        return bool(torch.equal(ref, cand))
+    max_abs, _, scale = _errors(ref, cand)
+    return max_abs <= atol + rtol * scale
+
+
+def compare_tensors(
+    ref: torch.Tensor,
+    cand: torch.Tensor,
+    names: tuple[str, str],
+    atol: float,
+    rtol: float,
+    logits: bool = False,
+) -> Comparison:
+    """Compare two outputs; ``logits`` also asks that the top-1 class agree."""
+    if ref.shape != cand.shape:
+        return Comparison(
+            *names, math.inf, math.inf, False,
+            note=f"shapes differ: {list(ref.shape)} vs {list(cand.shape)}",
+        )  # fmt: skip
+    max_abs, max_rel, _ = _errors(ref, cand)
+    ok = _agree(ref, cand, atol, rtol)
+    top1 = None
+    if logits and ref.is_floating_point() and ref.dim() >= 2 and ref.shape[-1] > 1:
+        top1 = float((ref.argmax(-1) == cand.argmax(-1)).double().mean())
+        ok = ok and top1 >= TOP1_AGREEMENT
+    return Comparison(*names, max_abs, max_rel, ok, top1)
+
+
+# -- matching modules across the two models through the plan --------------------------
+
+
+def _keys_under(model: nn.Module) -> dict[str, frozenset[str]]:
+    """For each module with state, the state-dict keys it holds (its own and its children's)."""
+    keys = list(model.state_dict().keys())
+    out: dict[str, frozenset[str]] = {}
+    for name, _ in model.named_modules():
+        prefix = f"{name}." if name else ""
+        held = frozenset(k for k in keys if k.startswith(prefix))
+        if held:
+            out[name] = held
+    return out
+
+
+@dataclass
+class _Pairing:
+    """Candidate module -> reference module, and what the plan did to each candidate one."""
+
+    pairs: dict[str, str]
+    fresh: set[str]
+    relayout: set[str]
+
+
+def match_modules(
+    reference: nn.Module,
+    candidate: nn.Module,
+    result_plan: Table,
+    reference_table: Table,
+) -> _Pairing:
+    """Pair modules whose state comes from the same source keys: a candidate module matches
+    the reference module holding exactly the keys its own keys were made from."""
+    to_reference: dict[str, set[str]] = {}
+    for name, ref in reference_table.items():
+        for source in ref.sources:
+            to_reference.setdefault(source, set()).add(name)
+    by_keys: dict[frozenset[str], list[str]] = {}
+    for name, held in _keys_under(reference).items():
+        by_keys.setdefault(held, []).append(name)
+    reference_modules = {n for names in by_keys.values() for n in names}
+
+    pairs: dict[str, str] = {}
+    fresh: set[str] = set()
+    relayout: set[str] = set()
+    for name, held in _keys_under(candidate).items():
+        made_from: set[str] = set()
+        new_values = 0
+        for key in held:
+            ref = result_plan.get(key)
+            if ref is None or not ref.sources or {a.verb for a in ref.actions} & FRESH_VERBS:
+                new_values += 1
+                continue
+            if {a.verb for a in ref.actions} & RELAYOUT_VERBS:
+                relayout.add(name)
+            for source in ref.sources:
+                made_from |= to_reference.get(source, set())
+        if new_values == len(held):
+            fresh.add(name)
+        same = by_keys.get(frozenset(made_from))
+        if same and new_values == 0:
+            # Wrappers holding the same keys (a Sequential around one Linear) record the
+            # same output: the outermost pairs with a container, the innermost with a leaf.
+            pairs[name] = same[-1] if _is_leaf(candidate, name) else same[0]
+        elif new_values == len(held) and name in reference_modules:
+            pairs[name] = name  # a re-initialised module keeps its place and its name
+    return _Pairing(pairs, fresh, relayout)
+
+
+def _is_leaf(model: nn.Module, name: str) -> bool:
+    return not any(True for _ in model.get_submodule(name).children())
+
+
+# -- localisation ------------------------------------------------------------------------
+
+
+@dataclass
+class _Trace:
+    reference: dict[str, _Call]
+    candidate: dict[str, _Call]
+    pairing: _Pairing
+    atol: float
+    rtol: float
+
+    def comparable(self, name: str) -> bool:
+        other = self.pairing.pairs.get(name)
+        return (
+            other is not None
+            and name in self.candidate
+            and other in self.reference
+            and name not in self.pairing.relayout
+        )
+
+    def outputs_agree(self, name: str) -> bool:
+        ref = self.reference[self.pairing.pairs[name]].output
+        cand = self.candidate[name].output
+        return bool(ref) and len(ref) == len(cand) and _agree(ref[0], cand[0], self.atol, self.rtol)
+
+    def shapes_match(self, name: str) -> bool:
+        ref = self.reference[self.pairing.pairs[name]].output
+        cand = self.candidate[name].output
+        return bool(ref) and bool(cand) and ref[0].shape == cand[0].shape
+
+    def inputs_agree(self, name: str) -> bool:
+        ref = self.reference[self.pairing.pairs[name]].input
+        cand = self.candidate[name].input
+        return ref is not None and cand is not None and _agree(ref, cand, self.atol, self.rtol)
+
+    def children(self, parent: str) -> list[str]:
+        """Comparable modules whose nearest comparable ancestor is ``parent``, in call order."""
+        prefix = f"{parent}." if parent else ""
+        inner = [
+            n for n in self.candidate if n != parent and n.startswith(prefix) and self.comparable(n)
+        ]
+        direct = [n for n in inner if not any(n.startswith(f"{m}.") for m in inner if m != n)]
+        return sorted(direct, key=lambda n: self.candidate[n].order)
+
+    def out_of_order(self, name: str, siblings: list[str]) -> bool:
+        """Was this module paired with a reference module that runs at another place among
+        its siblings (weights moved between blocks)?"""
+        order = {n: self.reference[self.pairing.pairs[n]].order for n in siblings}
+        here = siblings.index(name)
+        before, after = siblings[:here], siblings[here + 1 :]
+        return any(order[s] > order[name] for s in before) or any(
+            order[s] < order[name] for s in after
+        )
+
+    def comparison(self, name: str, note: str | None = None) -> Comparison:
+        other = self.pairing.pairs[name]
+        found = compare_tensors(
+            self.reference[other].output[0], self.candidate[name].output[0],
+            (other, name), self.atol, self.rtol,
+        )  # fmt: skip
+        return Comparison(
+            found.reference, found.candidate, found.max_abs_err, found.max_rel_err, False,
+            note=note or found.note,
+        )  # fmt: skip
+
+    def first_divergence(self, node: str = "") -> Comparison | None:
+        """Descend from ``node`` to the module that introduces the difference."""
+        children = self.children(node)
+        siblings = [c for c in children if self.shapes_match(c)]
+        for child in children:
+            if child in self.pairing.fresh:  # reached only when everything before agreed
+                return self.comparison(child, "re-initialised by the plan: expected to differ")
+            if child not in siblings or self.outputs_agree(child):
+                continue
+            if self.inputs_agree(child):
+                return self.first_divergence(child) or self.comparison(child)
+            if self.out_of_order(child, siblings):
+                return self.comparison(
+                    child,
+                    f"its weights come from reference {self.pairing.pairs[child]}, which runs "
+                    "at another place",
+                )
+            break  # the difference arises in ``node``'s own computation, between children
+        if self.comparable(node) and self.shapes_match(node) and not self.outputs_agree(node):
+            return self.comparison(node)
+        return None
+
+
+# -- the step -----------------------------------------------------------------------------
+
+
+def _named_output(
+    model: nn.Module, name: str, calls: dict[str, _Call], args: list, kwargs: dict, which: str
+) -> torch.Tensor:
+    """A ``compare`` entry's output: a submodule's (recorded), or a method's (called)."""
+    if name in calls and calls[name].output:
+        return calls[name].output[0]
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        method = getattr(model, name, None)
+        if callable(method) and not isinstance(method, nn.Module):
+            return output_tensor(_run(method, args, kwargs, which))
+        raise UsageError(
+            f"verify.compare: the {which} model has no module or method {name!r}"
+        ) from None
+    raise UsageError(f"verify.compare: the {which} model's module {name!r} was not called")
+
+
+def _least_precise(table: Table) -> torch.dtype:
+    floats = {ref.dtype for ref in table.values() if ref.dtype.is_floating_point}
+    return max(floats, key=lambda d: TOLERANCES.get(d, (0.0, 0.0))[1], default=torch.float32)
+
+
+def verify(
+    spec: VerifySpec,
+    *,
+    seed: int,
+    base_dir: str,
+    source: SourceSpec,
+    target: TargetSpec,
+    result: str,
+    result_plan: Table,
+) -> VerifyResult:
+    """Load the source into the reference model and ``result`` (a written checkpoint) into
+    the target model, run both, and compare; ``result_plan`` is the plan that made
+    ``result`` (it pairs the modules)."""
+    assert target.model, "verify: needs target.model (checked when the rules file is read)"
+    device = _device(spec.device)
+    reference = build_model(spec.reference.model, spec.reference.kwargs, base_dir, device="cpu")
+    candidate = build_model(target.model, target.kwargs, base_dir, device="cpu")
+    source_table = open_checkpoint(source.path, source.key, source.allow_globals).tensors
+    reference_table, _ = run_rules(
+        RulesFile(rules=list(spec.reference.rules), seed=seed),
+        source_table,
+        TargetInfo("reference", expected_from_model(reference), reference),
+    )
+    _load(reference, reference_table, f"verify.reference: the source {source.path}")
+    _load(candidate, open_checkpoint(result).tensors, f"the result {result}")
+
+    default_atol, default_rtol = TOLERANCES.get(_least_precise(result_plan), (1e-5, 1e-4))
+    atol = spec.atol if spec.atol is not None else default_atol
+    rtol = spec.rtol if spec.rtol is not None else default_rtol
+    pairing = match_modules(reference, candidate, result_plan, reference_table)
+    named = [c for c in spec.compare if isinstance(c, ModulePair)]
+    args, kwargs = make_inputs(spec, seed, base_dir, device)
+
+    with torch.no_grad():
+        for model in (reference, candidate):
+            model.to(device).eval()
+        watch_ref = set(pairing.pairs.values()) | {c.reference for c in named} | {""}
+        with _recording(reference, watch_ref) as ref_calls:
+            ref_out = _run(reference, args, kwargs, "reference")
+        watch_cand = set(pairing.pairs) | {c.candidate for c in named} | {""}
+        with _recording(candidate, watch_cand) as cand_calls:
+            cand_out = _run(candidate, args, kwargs, "candidate")
+
+        compared = []
+        for item in spec.compare:
+            if isinstance(item, ModulePair):
+                r = _named_output(reference, item.reference, ref_calls, args, kwargs, "reference")
+                c = _named_output(candidate, item.candidate, cand_calls, args, kwargs, "candidate")
+                names = (item.reference, item.candidate)
+                compared.append(compare_tensors(r, c, names, atol, rtol))
+            else:
+                r, c = output_tensor(ref_out), output_tensor(cand_out)
+                compared.append(compare_tensors(r, c, ("output", "output"), atol, rtol, True))
+        ok = all(c.ok for c in compared)
+        trace = _Trace(ref_calls, cand_calls, pairing, atol, rtol)
+        first = None if ok else trace.first_divergence()
+    fresh = sorted(n for n in pairing.fresh if _is_leaf(candidate, n))
+    return VerifyResult(ok, compared, atol, rtol, first, fresh)
+
+
+def raise_if_failed(result: VerifyResult, report: Any = None) -> None:
+    """VerifyFailed (exit 4) naming what diverged, carrying ``report`` for --json."""
+    if result.ok:
+        return
+    bad = [c for c in result.compared if not c.ok]
+    message = "verification failed: the result does not compute what the source computed\n  "
+    message += "\n  ".join(c.line() for c in bad)
+    if result.first_divergence is not None:
+        message += "\n  first module to diverge: " + result.first_divergence.line()
+    raise VerifyFailed(message, report)
+
+
+class VerifyFailed(VerifyError):
+    """Verification failed; carries the report for --json and --report."""
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
