@@ -523,7 +523,8 @@ def verify(
                 compared.append(compare_tensors(r, c, names, atol, rtol))
             else:
                 r, c = output_tensor(ref_out), output_tensor(cand_out)
-                compared.append(compare_tensors(r, c, ("output", "output"), atol, rtol, True))
+                logits = hasattr(ref_out, "logits") or hasattr(cand_out, "logits")
+                compared.append(compare_tensors(r, c, ("output", "output"), atol, rtol, logits))
         ok = all(c.ok for c in compared)
         trace = _Trace(ref_calls, cand_calls, pairing, atol, rtol)
         first = None if ok else trace.first_divergence()
