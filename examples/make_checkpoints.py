@@ -100,6 +100,23 @@ def alexnet(folder: Path) -> Path:
     return path
 
 
+def meta_llama(folder: Path) -> Path:
+    """A small Llama in Meta's original layout (``consolidated.00.pth``: ``tok_embeddings``,
+    ``layers.N.attention.wq``, interleaved rotary rows), as Meta's own code saves it."""
+    sys.path.insert(0, str(HERE))
+    from meta_llama import MetaTransformer
+
+    torch.manual_seed(6)
+    model = MetaTransformer()
+    for name, param in model.named_parameters():  # norms away from 1, as after training
+        if name.endswith("norm.weight"):
+            torch.nn.init.normal_(param, 1.0, 0.2)
+    path = folder / "meta_llama" / "consolidated.00.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
 def bert_encoder(folder: Path) -> Path:
     """A small Hugging Face BertModel (encoder only) saved with save_pretrained."""
     from transformers import BertConfig, BertModel
@@ -161,7 +178,7 @@ def digits(folder: Path) -> Path:
 EXAMPLES: dict[str, Callable[[Path], Path]] = {
     f.__name__: f
     for f in (resnet18_dp, resnet18_plain, resnet18_compiled_train, resnet18_lightning, alexnet,
-              bert_encoder, digits)
+              bert_encoder, meta_llama, digits)
 }
 
 

@@ -41,3 +41,14 @@ def test_gpu_bench_runs_on_cpu() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| frozen backbone |" in proc.stdout
+
+
+def test_verify_benchmark_runs_and_verifies() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_verify.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "verified: ok=True" in proc.stdout

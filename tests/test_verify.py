@@ -7,13 +7,14 @@ Real transformers BERT models saved with ``save_pretrained``, converted through 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from conftest import assert_clean_failure
+from conftest import REPO, assert_clean_failure
 from safetensors.torch import load_file, save_file
 
 import ckptsurgeon
@@ -208,3 +209,45 @@ def test_verify_without_an_output_yet_says_to_apply_first(
 ):
     rules = write_rules(tmp_path, bert_folder, [])
     assert_clean_failure(run_cli("verify", rules), 2, "run apply first")
+
+
+# -- the Meta-layout Llama example (rules/meta_llama_to_hf.yaml) ---------------------------
+
+LLAMA_RULES = REPO / "rules" / "meta_llama_to_hf.yaml"
+
+
+@pytest.fixture(scope="module")
+def meta_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sys.path.insert(0, str(REPO / "examples"))
+    import make_checkpoints
+
+    return make_checkpoints.meta_llama(tmp_path_factory.mktemp("llama"))
+
+
+def test_the_llama_example_verifies_with_permute_rope(run_cli, meta_llama: Path, tmp_path: Path):
+    out = tmp_path / "llama_hf"
+    proc = run_cli("apply", LLAMA_RULES, "--source", meta_llama, "--output", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    output = json.loads(proc.stdout)["verify"]["compared"][0]
+    assert output["ok"] and output["top1_agreement"] == 1.0 and output["max_abs_err"] < 1e-5
+    assert (out / "model.safetensors").exists()
+
+
+def test_the_llama_example_without_permute_rope_fails_at_the_attention(
+    run_cli, meta_llama: Path, tmp_path: Path
+):
+    doc = yaml.safe_load(LLAMA_RULES.read_text())
+    doc["rules"] = [r for r in doc["rules"] if r["op"] != "permute_rope"]
+    for section in (doc["target"], doc["verify"]["reference"]):
+        section["model"] = (
+            str(REPO / "examples" / "meta_llama.py") + ":" + section["model"].split(":")[1]
+        )
+    rules = tmp_path / "no_permute.yaml"
+    rules.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "llama_hf"
+    proc = run_cli("apply", rules, "--source", meta_llama, "--output", out)
+    assert_clean_failure(
+        proc, 4, "first module to diverge: model.layers.0.self_attn (reference: layers.0.attention)"
+    )
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [rules]  # no temporary left behind either

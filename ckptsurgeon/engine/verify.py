@@ -136,7 +136,12 @@ def _load(model: nn.Module, table: Table, what: str) -> None:
             f"{what} does not load strictly into {type(model).__name__}:\n  "
             + "\n  ".join(result.lines()[:8])
         )
-    model.load_state_dict({name: ref.load() for name, ref in table.items()}, strict=True)
+    # One tensor at a time into the model's own storage: no third copy of the weights.
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, ref in table.items():
+            if isinstance(state.get(name), torch.Tensor):
+                state[name].copy_(ref.load())
 
 
 def _device(name: str) -> torch.device:
@@ -507,10 +512,11 @@ def verify(
     with torch.no_grad():
         for model in (reference, candidate):
             model.to(device).eval()
-        watch_ref = set(pairing.pairs.values()) | {c.reference for c in named} | {""}
+        # The common case passes: record only what ``compare`` names. Every matched
+        # module's output is recorded in a second run, only to explain a failure.
+        watch_ref, watch_cand = {c.reference for c in named}, {c.candidate for c in named}
         with _recording(reference, watch_ref) as ref_calls:
             ref_out = _run(reference, args, kwargs, "reference")
-        watch_cand = set(pairing.pairs) | {c.candidate for c in named} | {""}
         with _recording(candidate, watch_cand) as cand_calls:
             cand_out = _run(candidate, args, kwargs, "candidate")
 
@@ -525,9 +531,15 @@ def verify(
                 r, c = output_tensor(ref_out), output_tensor(cand_out)
                 logits = hasattr(ref_out, "logits") or hasattr(cand_out, "logits")
                 compared.append(compare_tensors(r, c, ("output", "output"), atol, rtol, logits))
+        del ref_out, cand_out, ref_calls, cand_calls
         ok = all(c.ok for c in compared)
-        trace = _Trace(ref_calls, cand_calls, pairing, atol, rtol)
-        first = None if ok else trace.first_divergence()
+        first = None
+        if not ok:
+            with _recording(reference, set(pairing.pairs.values()) | {""}) as ref_calls:
+                _run(reference, args, kwargs, "reference")
+            with _recording(candidate, set(pairing.pairs) | {""}) as cand_calls:
+                _run(candidate, args, kwargs, "candidate")
+            first = _Trace(ref_calls, cand_calls, pairing, atol, rtol).first_divergence()
     fresh = sorted(n for n in pairing.fresh if _is_leaf(candidate, n))
     return VerifyResult(ok, compared, atol, rtol, first, fresh)
 

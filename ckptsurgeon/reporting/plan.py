@@ -46,6 +46,7 @@ def render(report: ApplyReport, console: Console) -> None:
         "cast",
         "transposed",
         "reshaped",
+        "permuted",
         "split",
         "merged",
         "copied",

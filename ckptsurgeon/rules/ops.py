@@ -530,6 +530,45 @@ class AdaptInputChannels(TensorOp):
         return ref.derive(adapt, Action("input", f"channels {old}->{n}"))
 
 
+@register
+class PermuteRope(TensorOp):
+    """Reorder the rows of rotary q/k projections (weights and biases) between the
+    interleaved layout (Meta's original Llama, GGUF: each head's rotary pairs sit in adjacent
+    rows) and the half-split layout transformers' ``rotate_half`` expects (a head's first
+    halves, then its second halves), as ``transformers``' ``PermuteForRope`` does.
+
+    The rows are viewed as (heads, half_head, 2) and transposed to (heads, 2, half_head);
+    ``inverse`` goes back. A wrong ``heads`` still yields a valid-looking tensor, so the
+    shape is checked at planning time, but only the user can give the right head count
+    (the KV head count for a grouped-query ``k_proj``).
+    """
+
+    op: Literal["permute_rope"] = "permute_rope"
+    heads: PositiveInt
+    inverse: bool = False
+
+    def transform(self, name: str, ref: TensorRef, ctx: Context) -> TensorRef:
+        if len(ref.shape) not in (1, 2):
+            raise FitError(
+                f"{ctx.where}: {name!r} {list(ref.shape)} is neither a 2-D weight nor a 1-D bias"
+            )
+        heads, rows = self.heads, ref.shape[0]
+        if rows % (2 * heads):
+            raise FitError(
+                f"{ctx.where}: {name!r} {list(ref.shape)} has {rows} rows, not divisible "
+                f"by 2 * heads = {2 * heads}"
+            )
+        half = rows // heads // 2
+        pairs = (2, half) if self.inverse else (half, 2)
+
+        def permute(t: torch.Tensor) -> torch.Tensor:
+            rest = t.shape[1:]
+            return t.reshape(heads, *pairs, *rest).transpose(1, 2).reshape(rows, *rest)
+
+        way = "back to interleaved" if self.inverse else "to half-split"
+        return ref.derive(permute, Action("permuted", f"rope rows {way} ({heads} heads)"))
+
+
 class _FromTarget(Op):
     """Ops that take fresh values from the target (its own initialisation, or ``init``)."""
 
