@@ -29,28 +29,46 @@ def _stderr(message: str) -> None:
     click.echo(f"ckptsurgeon: {message}", err=True)
 
 
+INTERNAL_ERROR = 70  # EX_SOFTWARE in sysexits.h: a bug of ours, not bad input
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map library exceptions to SPEC's exit codes with one line on stderr."""
+    """Map library exceptions to SPEC's exit codes with one line on stderr; with ``--json``,
+    also ``{"error": {"type", "message", "exit_code"}}`` on stdout (merged into the report
+    when the failure carries one)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except CkptSurgeonError as exc:
             if _DEBUG:
                 traceback.print_exc()
             _stderr(f"error: {exc}")
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+            _fail(as_json, exc, exc.exit_code, getattr(exc, "report", None))
+        except KeyboardInterrupt as exc:
             _stderr("interrupted; nothing was written")
-            sys.exit(130)
+            _fail(as_json, exc, 130)
         except Exception as exc:  # a bug of ours: still one line, details behind --debug
             if _DEBUG:
                 traceback.print_exc()
-            _stderr(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)")
-            sys.exit(1)
+            _stderr(
+                f"internal error: {type(exc).__name__}: {exc} -- this is a bug in ckptsurgeon; "
+                "please report it with the output of `ckptsurgeon --debug ...` and "
+                "`ckptsurgeon env`"
+            )
+            _fail(as_json, exc, INTERNAL_ERROR)
 
     return wrapper
+
+
+def _fail(as_json: bool, exc: BaseException, code: int, report: Any = None) -> None:
+    if as_json:
+        error = {"type": type(exc).__name__, "message": str(exc), "exit_code": code}
+        body = report.to_dict() if report is not None else {}
+        _print_json({**body, "error": error})
+    sys.exit(code)
 
 
 def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -157,6 +175,7 @@ def inspect(
 @click.option("--max-shard-size", default=None, help="Shard a folder output, e.g. 5GB.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @source_options
 @handle_errors
 def convert(
@@ -166,6 +185,7 @@ def convert(
     max_shard_size: str | None,
     quiet: bool,
     no_fsync: bool,
+    as_json: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
@@ -190,6 +210,16 @@ def convert(
             )
 
     _stderr(f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})")
+    if as_json:
+        _print_json(
+            {
+                "source": source,
+                "output": result.path,
+                "kind": result.kind,
+                "files": result.files,
+                "bytes": result.total_bytes,
+            }
+        )
 
 
 @cli.command()
@@ -239,7 +269,8 @@ def apply(
                     report_path=report_path,
                 )
         except (PlanFailed, VerifyFailed) as exc:
-            _emit_report(exc.report.to_dict(), as_json, report_path, show=as_json)
+            # --json prints the report with the error (handle_errors); --report gets it too.
+            _emit_report(exc.report.to_dict(), as_json, report_path, show=False)
             raise
     if not as_json and not quiet:
         plan_report.render(report, _console())
@@ -428,21 +459,46 @@ def verify(
 
 @cli.command()
 @click.argument("rules_file", metavar="RULES.yaml")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
-def validate(rules_file: str) -> None:
+def validate(rules_file: str, as_json: bool) -> None:
     """Check a rules file against the schema; nothing is loaded."""
     from ckptsurgeon.rules.document import load_rules
 
     rules = load_rules(rules_file)
-    click.echo(f"{rules_file}: valid ({len(rules.rules)} rules)")
+    if as_json:
+        sections = [s for s in ("target", "finetune", "verify") if getattr(rules, s) is not None]
+        _print_json(
+            {"path": rules_file, "valid": True, "rules": len(rules.rules), "sections": sections}
+        )
+    else:
+        click.echo(f"{rules_file}: valid ({len(rules.rules)} rules)")
 
 
 @cli.command()
-def schema() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry: always JSON.")
+@handle_errors
+def schema(as_json: bool) -> None:
     """Print the JSON Schema of the rules file (for editors)."""
     from ckptsurgeon.rules.document import RulesFile
 
     _print_json(RulesFile.model_json_schema())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+@handle_errors
+def env(as_json: bool) -> None:
+    """Versions of Python, torch and the checkpoint libraries, and CUDA devices: what a bug
+    report needs."""
+    from ckptsurgeon.reporting.env import collect, lines
+
+    info = collect()
+    if as_json:
+        _print_json(info)
+    else:
+        for line in lines(info):
+            click.echo(line)
 
 
 @cli.command()
