@@ -22,4 +22,11 @@ def test_wheel_holds_the_package_only(tmp_path: Path) -> None:
     assert "ckptsurgeon" in tops
     assert "ckptsurgeon/engine/plan.py" in names
     assert "ckptsurgeon/targets/check.py" in names
+    assert "ckptsurgeon/py.typed" in names  # type checkers read the package's hints
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    text = zipfile.ZipFile(wheel).read(metadata).decode()
+    assert "License-Expression: Apache-2.0" in text
+    assert "Provides-Extra: plot" in text and "Provides-Extra: gguf" in text
+    requires = [line for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    assert not [r for r in requires if "safetensors" in r and "extra ==" not in r], requires
     assert not tops & {"rules", "examples", "tests", "benchmarks", "src"}, sorted(tops)
