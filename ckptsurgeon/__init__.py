@@ -20,7 +20,7 @@ from ckptsurgeon.errors import (
 def __getattr__(name: str):
     # The API pulls in torch; importing it lazily keeps `import ckptsurgeon` (and the CLI's
     # --help, validate and schema) fast.
-    if name in {"apply", "load", "load_into", "convert", "check", "verify"}:
+    if name in {"apply", "load", "load_into", "save", "convert", "check", "verify"}:
         from ckptsurgeon import api
 
         return getattr(api, name)
@@ -42,5 +42,6 @@ __all__ = [
     "convert",
     "load",
     "load_into",
+    "save",
     "verify",
 ]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
 
 from ckptsurgeon.engine.load import load_into
 from ckptsurgeon.errors import UsageError
@@ -13,14 +16,43 @@ from ckptsurgeon.formats.reader import open_checkpoint
 from ckptsurgeon.formats.table import LazyStateDict, cast_floating, parse_dtype
 from ckptsurgeon.formats.writer import Progress, WriteResult, provenance, write_checkpoint
 
-__all__ = ["apply", "check", "convert", "load", "load_into", "verify"]
+__all__ = ["apply", "check", "convert", "load", "load_into", "save", "verify"]
 
 
 def load(
-    path: str | os.PathLike, key: str | None = None, allow_globals: Iterable[str] = ()
+    path: str | os.PathLike,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
+    *,
+    device: str | None = None,
 ) -> LazyStateDict:
-    """A lazy mapping name -> tensor; each tensor is read when it is first asked for."""
-    return LazyStateDict(open_checkpoint(path, key, allow_globals).tensors)
+    """A lazy mapping name -> tensor; each tensor is read when it is asked for, and moved
+    to ``device`` when given (``"cuda"``, ``"meta"`` ...)."""
+    return LazyStateDict(open_checkpoint(path, key, allow_globals).tensors, device)
+
+
+def save(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    max_shard_size: str | int | None = None,
+    metadata: dict[str, str] | None = None,
+    durable: bool = True,
+) -> WriteResult:
+    """Write ``tensors`` as ``load`` reads them: the suffix picks the format (a path with
+    no suffix is a Hugging Face folder, sharded past ``max_shard_size``), atomically and
+    streamed by the same writer as ``apply``. Tensors sharing storage (tied weights) are
+    written once each, as safetensors requires."""
+    from ckptsurgeon.formats.table import from_tensor
+
+    table = {name: from_tensor(t.detach().cpu(), name) for name, t in tensors.items()}
+    return write_checkpoint(
+        table,
+        os.fspath(path),
+        max_shard_size=max_shard_size,
+        metadata=provenance("ckptsurgeon.save", metadata),
+        durable=durable,
+    )
 
 
 def convert(
@@ -64,7 +96,7 @@ def convert(
 
 
 def apply(
-    rules: str | os.PathLike,
+    rules: str | os.PathLike | Mapping[str, Any],
     *,
     source: str | None = None,
     output: str | None = None,
@@ -74,14 +106,18 @@ def apply(
 ) -> dict:
     """Run a rules file as ``ckptsurgeon apply`` does; returns the report (a dict).
 
-    Raises :class:`~ckptsurgeon.errors.FitError` when the result does not fit the target
-    (nothing is written), RulesError for an invalid rules file, InputError for bad input.
+    ``rules`` is a path, or the document itself as a mapping (``{"source": ..., "rules":
+    [...]}``, paths in it relative to the working directory). Raises
+    :class:`~ckptsurgeon.errors.FitError` when the result does not fit the target (nothing
+    is written), RulesError for invalid rules, InputError for bad input.
     """
     from ckptsurgeon.job import Job, ReadOptions
 
-    job = Job.from_file(
-        rules, source=source, output=output, read=ReadOptions(key, tuple(allow_globals))
-    )
+    read = ReadOptions(key, tuple(allow_globals))
+    if isinstance(rules, Mapping):
+        job = Job.from_mapping(rules, source=source, output=output, read=read)
+    else:
+        job = Job.from_file(rules, source=source, output=output, read=read)
     return job.run(dry_run=dry_run).to_dict()
 
 

@@ -13,16 +13,17 @@ it in the background) before torch is loaded.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.paths import resolve, rules_folder, within
 from ckptsurgeon.rules.config import SourceSpec
-from ckptsurgeon.rules.document import RulesFile, load_rules
+from ckptsurgeon.rules.document import RulesFile, load_rules, parse_document
 
 if TYPE_CHECKING:
     from ckptsurgeon.engine.plan import Plan
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from ckptsurgeon.formats.writer import Progress
 
 Log = Callable[[str], None]
+# The library logs; the CLI passes its own printer (stdout, or stderr beside --json).
+_log = logging.getLogger("ckptsurgeon").info
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,21 @@ class Job:
         return cls(
             load_rules(rules_path), rules_folder(rules_path), rules_path, source, output, read
         )
+
+    @classmethod
+    def from_mapping(
+        cls,
+        document: Mapping[str, Any],
+        *,
+        base_dir: str | None = None,
+        source: str | None = None,
+        output: str | None = None,
+        read: ReadOptions = ReadOptions(),
+    ) -> Job:
+        """A rules document given as Python data; its paths resolve against ``base_dir``
+        (default: the working directory)."""
+        rules = parse_document(dict(document))
+        return cls(rules, base_dir or os.getcwd(), None, source, output, read)
 
     # -- what the job reads and writes ------------------------------------------------
 
@@ -139,7 +157,7 @@ class Job:
         finetune: bool = True,
         write: WriteOptions = WriteOptions(),
         report_path: str | None = None,
-        log: Log = print,
+        log: Log = _log,
     ) -> ApplyReport:
         """Plan, check, write (unless ``dry_run``), then fine-tune when the document has a
         ``finetune:`` section and ``finetune`` is true; returns the report.
@@ -237,7 +255,7 @@ class Job:
         weights: str | None = None,
         read: ReadOptions | None = None,
         resume: bool = False,
-        log: Log = print,
+        log: Log = _log,
     ) -> dict[str, Any]:
         """Build the model the ``finetune:`` section names, load its weights, and train it.
 

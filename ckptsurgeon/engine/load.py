@@ -22,12 +22,14 @@ def load_into(
     strict: bool = True,
     seed: int = 0,
     allow_globals: Iterable[str] = (),
+    assign: bool = False,
 ):
     """Load ``path`` into ``model`` after applying ``rules`` (a list of op dicts).
 
     With ``strict`` (the default) anything missing, unexpected or mis-shaped raises
-    FitError listing it, before any parameter is touched. Returns torch's
-    ``_IncompatibleKeys``.
+    FitError listing it, before any parameter is touched. ``assign`` (as in
+    ``load_state_dict``) makes the loaded tensors the model's own: the way to fill a model
+    built on the meta device. Returns torch's ``_IncompatibleKeys``.
     """
     spec = parse_rules({"rules": rules or [], "seed": seed}, "load_into(rules=...)")
     target = TargetInfo(f"model {type(model).__name__}", expected_from_model(model), model)
@@ -39,4 +41,4 @@ def load_into(
             + "\n  ".join(result.lines())
         )
     state = {name: ref.load() for name, ref in table.items()}
-    return model.load_state_dict(state, strict=strict)
+    return model.load_state_dict(state, strict=strict, assign=assign)

@@ -182,13 +182,16 @@ def cast_floating(table: Table, dtype: torch.dtype) -> Table:
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
-    """A read-only mapping name -> tensor that reads each tensor when it is asked for."""
+    """A read-only mapping name -> tensor that reads each tensor when it is asked for (and
+    moves it to ``device``, when given)."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, device: torch.device | str | None = None) -> None:
         self._table = table
+        self._device = torch.device(device) if device is not None else None
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._table[name].load()
+        tensor = self._table[name].load()
+        return tensor if self._device is None else tensor.to(self._device)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._table)

@@ -145,3 +145,11 @@ def parse_rules(rules: list[dict[str, Any]] | dict[str, Any], where: str = "<rul
     """Validate rules given as Python data (the API's ``rules=[...]``)."""
     data = {"rules": rules} if isinstance(rules, list) else rules
     return validate_document(yamlnodes.Located(where, data, {}))
+
+
+def parse_document(data: dict[str, Any], where: str = "<rules mapping>") -> RulesFile:
+    """Validate a whole rules document given as Python data, held to what a file is."""
+    located = yamlnodes.Located(where, data, {})
+    rules = validate_document(located)
+    _check_target_given(rules, located)
+    return rules
