@@ -2,7 +2,10 @@
 explain them the way a person thinks about them, and write the rules that reconcile them.
 
 * :mod:`~ckptsurgeon.suggest.names`: dotted names, layer indices, covering regexes.
-* :mod:`~ckptsurgeon.suggest.infer`: the rules, inferred step by step, each explained.
+* :mod:`~ckptsurgeon.suggest.infer`: the rules, inferred step by step, each explained; the
+  steps are :mod:`~ckptsurgeon.suggest.align`, :mod:`~ckptsurgeon.suggest.fused`,
+  :mod:`~ckptsurgeon.suggest.shapes` and :mod:`~ckptsurgeon.suggest.leftovers`, over the
+  shared :mod:`~ckptsurgeon.suggest.state`.
 * :mod:`~ckptsurgeon.suggest.diff`: the comparison, and the rules verified by running them.
 * :mod:`~ckptsurgeon.suggest.render`: the rules file, commented, as ``apply`` reads it.
 """
