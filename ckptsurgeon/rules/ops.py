@@ -57,8 +57,9 @@ class Op(Strict):
     needs_target: ClassVar[bool] = False  # takes fresh values from the rules file's target
 
     def run(self, table: Table, ctx: Context) -> Table:
-        """Apply the op, failing (FitError) when it matched nothing and is not optional."""
-        out, matched = self.apply(table, ctx)
+        """Run the op over ``table``, failing (FitError) when it matched nothing and is not
+        optional."""
+        out, matched = self.rewrite(table, ctx)
         if matched == 0 and not self.optional:
             raise FitError(
                 f"{ctx.where}: {self.describe_selector()} matched no key "
@@ -66,8 +67,9 @@ class Op(Strict):
             )
         return out
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
-        raise NotImplementedError  # each registered op overrides it
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
+        """The new table and how many keys the op matched; each registered op defines it."""
+        raise NotImplementedError
 
     def describe_selector(self) -> str:
         pattern = getattr(self, "pattern", None)
@@ -119,7 +121,7 @@ class StripPrefix(Op):
     def describe_selector(self) -> str:
         return f"prefix {self.prefix!r}"
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         return rename_keys(
             table,
             ctx,
@@ -136,7 +138,7 @@ class AddPrefix(Op):
     prefix: str = Field(min_length=1)
     pattern: Pattern | None = None
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         return rename_keys(
             table,
             ctx,
@@ -163,7 +165,7 @@ class Rename(_Substitution):
 
     op: Literal["rename"] = "rename"
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         def new(name: str) -> str | None:
             return self.regex.sub(self.replace, name) if self.regex.search(name) else None
 
@@ -180,7 +182,7 @@ class Map(Op):
     op: Literal["map"] = "map"
     mapping: dict[str, str] = Field(min_length=1)
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         absent = [old for old in self.mapping if old not in table]
         if absent and not self.optional:
             raise FitError(
@@ -197,7 +199,7 @@ class Drop(Op):
     op: Literal["drop"] = "drop"
     pattern: Pattern
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         gone = [n for n in table if self.regex.search(n)]
         ctx.dropped.update(dict.fromkeys(gone, f"{ctx.where}: matches {self.pattern!r}"))
         return {n: r for n, r in table.items() if n not in set(gone)}, len(gone)
@@ -210,7 +212,7 @@ class Keep(Op):
     op: Literal["keep"] = "keep"
     pattern: Pattern
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         kept = {n: r for n, r in table.items() if self.regex.search(n)}
         ctx.dropped.update(
             {n: f"{ctx.where}: does not match {self.pattern!r}" for n in table if n not in kept}
@@ -229,7 +231,7 @@ class TensorOp(Op):
     def selects(self, name: str, ref: TensorRef) -> bool:
         return bool(self.regex.search(name))
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         out: Table = {}
         matched = 0
         for name, ref in table.items():
@@ -326,7 +328,7 @@ class Split(Op):
             check_template(self.pattern, template)
         return self
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         entries = []
         matched = 0
         for name, ref in table.items():
@@ -388,7 +390,7 @@ class Merge(Op):
         check_template(self.pattern, self.into)
         return self
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         import torch
 
         families: dict[str, dict[str, tuple[str, re.Match[str]]]] = {}
@@ -441,7 +443,7 @@ class Copy(_Substitution):
 
     op: Literal["copy"] = "copy"
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         entries = [(name, ref, name) for name, ref in table.items()]
         copies = [
             (
@@ -600,7 +602,7 @@ class ReinitMismatched(_FromTarget):
     op: Literal["reinit_mismatched"] = "reinit_mismatched"
     nothing_found: ClassVar[str] = "no shape mismatch with the target"
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         from ckptsurgeon.targets.check import loads_as_shape
 
         expected = ctx.target.expected if ctx.target else {}
@@ -626,7 +628,7 @@ class FillMissing(_FromTarget):
     op: Literal["fill_missing"] = "fill_missing"
     nothing_found: ClassVar[str] = "no key missing from the checkpoint"
 
-    def apply(self, table: Table, ctx: Context) -> tuple[Table, int]:
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         expected = ctx.target.expected if ctx.target else {}
         names = self._selected(n for n in expected if n not in table)
         copies = self._tied_partners(names, table, ctx.target.tied if ctx.target else {})

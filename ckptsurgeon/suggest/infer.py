@@ -89,7 +89,7 @@ def _count(findings: list[Finding], table: Table, target: TargetInfo) -> None:
             continue
         try:
             table, finding.keys = (
-                OPS[finding.rule["op"]].model_validate(finding.rule).apply(table, ctx)
+                OPS[finding.rule["op"]].model_validate(finding.rule).rewrite(table, ctx)
             )
         except FitError:
             return  # the verification that follows reports it

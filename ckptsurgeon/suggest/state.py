@@ -68,7 +68,7 @@ class State:
     def run(self, rule: Rule) -> tuple[Table, int]:
         """Run one rule with the real op; raises FitError as ``apply`` would."""
         op = OPS[rule["op"]].model_validate(rule)
-        return op.apply(self.table, Context(target=self.target, where=f"suggested {rule['op']}"))
+        return op.rewrite(self.table, Context(target=self.target, where=f"suggested {rule['op']}"))
 
     def matched(self, table: Table) -> int:
         """How many of ``table``'s names the target has."""
