@@ -36,6 +36,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from measure import timed  # a sibling module: the benchmarks run as scripts
+
 GiB = 1 << 30
 CLI = [sys.executable, "-m", "ckptsurgeon"]
 SETTLE_S = 1.0
@@ -73,23 +75,6 @@ def make_checkpoint(folder: Path, total_bytes: int, shards: int = 5) -> int:
     folder.mkdir(parents=True)
     save_torch_state_dict(state, folder, max_shard_size=max_shard)
     return max_shard
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``cmd`` run in its own measuring process."""
-    probe = (
-        "import resource, subprocess, sys, time, json; t = time.perf_counter(); "
-        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "w = time.perf_counter() - t; "
-        "print(json.dumps([p.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.stderr[-2000:]]))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True
-    )
-    code, wall, rss_kib, err = json.loads(out.stdout)
-    if code != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err}")
-    return wall, rss_kib * 1024
 
 
 def settle(out: Path) -> None:

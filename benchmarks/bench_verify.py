@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from measure import timed
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "ckptsurgeon"]
@@ -38,24 +39,6 @@ TINY_HF = {
     "hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3,
     "intermediate_size": 768, "image_size": 32, "patch_size": 8, "num_labels": 10,
 }  # fmt: skip
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``cmd`` run in its own measuring process."""
-    probe = (
-        "import resource, subprocess, sys, time, json; t = time.perf_counter(); "
-        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "w = time.perf_counter() - t; "
-        "print(json.dumps([p.returncode, w, "
-        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.stderr[-2000:]]))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True
-    )
-    code, wall, rss_kib, err = json.loads(out.stdout)
-    if code != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err}")
-    return wall, rss_kib * 1024
 
 
 def make_source(work: Path, timm_kwargs: dict) -> tuple[Path, int]:

@@ -347,15 +347,8 @@ def check(
 
     info = target_from_cli(target, kwargs, allow_globals)
     result = check_table(open_checkpoint(path, key, allow_globals).tensors, info)
-    if as_json:
-        _print_json(result.to_dict())
-    else:
-        verdict = "loads strictly into" if result.ok else "does NOT load strictly into"
-        click.echo(f"{path} {verdict} {result.target}")
-        for line in result.lines():
-            click.echo(f"  {line}")
-    if not result.ok:
-        sys.exit(1)
+    verdict = "loads strictly into" if result.ok else "does NOT load strictly into"
+    _verdict(result, as_json, f"{path} {verdict} {result.target}", failed=1)
 
 
 @cli.command()
@@ -446,15 +439,21 @@ def verify(
         rules_file, source=source, output=output, read=ReadOptions(key, allow_globals)
     )
     result = job.verify()
+    verdict = "computes" if result.ok else "does NOT compute"
+    _verdict(result, as_json, f"{job.output_path} {verdict} what the source computed", failed=4)
+
+
+def _verdict(result: Any, as_json: bool, headline: str, failed: int) -> None:
+    """Print a check's or a verification's result (``to_dict``, ``lines``, ``ok``); exit
+    ``failed`` when it did not pass."""
     if as_json:
         _print_json(result.to_dict())
     else:
-        verdict = "computes" if result.ok else "does NOT compute"
-        click.echo(f"{job.output_path} {verdict} what the source computed")
+        click.echo(headline)
         for line in result.lines():
             click.echo(f"  {line}")
     if not result.ok:
-        sys.exit(4)
+        sys.exit(failed)
 
 
 @cli.command()
