@@ -358,6 +358,14 @@ def check(
 @click.option(
     "--suggest", is_flag=True, help="Print a rules file that reconciles A with B (verified)."
 )
+@click.option(
+    "--verify",
+    "verify_with",
+    is_flag=True,
+    help="With --suggest and --reference: add a verify: section, run it, print it if it passes.",
+)
+@click.option("--reference", default=None, metavar="SPEC", help="The model A loads into.")
+@click.option("--reference-kwargs", default=None, metavar="JSON", help="Its keyword arguments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @source_options
 @handle_errors
@@ -367,6 +375,9 @@ def diff(
     target: str | None,
     kwargs: str | None,
     suggest: bool,
+    verify_with: bool,
+    reference: str | None,
+    reference_kwargs: str | None,
     as_json: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
@@ -385,6 +396,10 @@ def diff(
 
     if (b is None) == (target is None):
         raise UsageError("diff: give B or --target SPEC (exactly one)")
+    if verify_with and not (suggest and reference and target):
+        raise UsageError("--verify goes with --suggest, --target MODEL and --reference MODEL")
+    if (reference or reference_kwargs) and not verify_with:
+        raise UsageError("--reference and --reference-kwargs go with --verify")
     if kwargs is not None and target is None:
         raise UsageError("--kwargs goes with --target")
     if b is not None and ":" not in b and not os.path.exists(os.path.expanduser(b)):
@@ -393,11 +408,20 @@ def diff(
     ckpt = open_checkpoint(a, key, allow_globals)
     report = compare(ckpt, resolve_target(spec))
     result: dict[str, Any] = report.to_dict()
+    verified = None
     if suggest:
         source = SourceSpec(
             path=os.path.abspath(a), key=ckpt.container, allow_globals=list(allow_globals)
         )
-        result["rules_file"] = render_rules(report, source, absolute_target(spec))
+        section = None
+        if verify_with and report.reconciled:
+            from ckptsurgeon.suggest.verify import suggest_verify
+
+            ref = absolute_target(target_spec_from_cli(reference, reference_kwargs))
+            section, verified = suggest_verify(report, source, spec, ref, os.getcwd())
+            result["verify"] = verified.to_dict()
+            section = section if verified.ok else None
+        result["rules_file"] = render_rules(report, source, absolute_target(spec), section)
     if as_json:
         _print_json(result)
     elif suggest:
@@ -405,6 +429,11 @@ def diff(
         if report.reconciled:
             count = len(report.rules.rules)
             _stderr(f"{count} rule{'' if count == 1 else 's'}; verified: A loads strictly into B")
+            if verified is not None:
+                how = "computes" if verified.ok else "does NOT compute"
+                _stderr(f"verify: the result {how} what A computes in the reference model")
+                for line in verified.lines():
+                    click.echo(f"  {line}", err=True)
         else:
             _stderr("not reconciled; with these rules, apply would still fail:")
             for line in report.remaining():
@@ -414,6 +443,8 @@ def diff(
             click.echo(line)
     if not (report.reconciled if suggest else report.identical):
         sys.exit(1)
+    if verified is not None and not verified.ok:
+        sys.exit(4)
 
 
 @cli.command()

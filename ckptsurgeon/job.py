@@ -235,7 +235,9 @@ class Job:
         return self._verify(plan, plan.output)
 
     def _verify(self, plan: Plan, result: str) -> VerifyResult:
+        """Verify the checkpoint written at ``result`` (read back: what the disk holds)."""
         from ckptsurgeon.engine.verify import verify
+        from ckptsurgeon.formats.reader import open_checkpoint
 
         spec, target = self.document.verify, self.document.target
         assert spec is not None and target is not None  # checked when the file was read
@@ -245,7 +247,7 @@ class Job:
             base_dir=self.base_dir,
             source=self.source_spec(),
             target=target,
-            result=result,
+            result=open_checkpoint(result).tensors,
             result_plan=plan.table,
         )
 

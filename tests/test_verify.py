@@ -251,3 +251,51 @@ def test_the_llama_example_without_permute_rope_fails_at_the_attention(
     )
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [rules]  # no temporary left behind either
+
+
+# -- diff --suggest --verify -------------------------------------------------------------
+
+WRAPPED = """
+import torch, torchvision
+
+class Wrapped(torch.nn.Module):
+    def __init__(self, squash: bool = False):
+        super().__init__()
+        self.backbone = torchvision.models.resnet18(num_classes=10)
+        self.squash = squash
+
+    def forward(self, x):
+        out = self.backbone(x)
+        return out.sigmoid() if self.squash else out
+"""
+
+
+def test_diff_suggest_verify_prints_a_verify_section_that_passes(run_cli, tmp_path: Path):
+    (tmp_path / "wrapped.py").write_text(WRAPPED)
+    sys.path.insert(0, str(tmp_path))
+    import wrapped
+
+    torch.manual_seed(0)
+    torch.save(wrapped.Wrapped().state_dict(), tmp_path / "wrapped.pth")
+    args = ["diff", tmp_path / "wrapped.pth", "--target", "torchvision.models:resnet18"]
+    args += ["--kwargs", '{"num_classes": 10}', "--suggest", "--verify"]
+    proc = run_cli(*args, "--reference", f"{tmp_path / 'wrapped.py'}:Wrapped")
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load(proc.stdout)
+    assert doc["verify"]["inputs"] == [{"shape": [2, 3, 64, 64]}]  # guessed from conv1
+    assert "the result computes what A computes" in proc.stderr
+    # The printed file runs as is once it has an output, verification included.
+    doc["output"] = str(tmp_path / "out.safetensors")
+    rules = tmp_path / "suggested.yaml"
+    rules.write_text(yaml.safe_dump(doc, sort_keys=False))
+    applied = run_cli("apply", rules, "--json")
+    assert applied.returncode == 0 and json.loads(applied.stdout)["verify"]["ok"]
+
+    # A reference that computes something else: no verify section is printed, exit 4.
+    squash = run_cli(
+        *args, "--reference", f"{tmp_path / 'wrapped.py'}:Wrapped", "--reference-kwargs",
+        '{"squash": true}',
+    )  # fmt: skip
+    assert squash.returncode == 4, squash.stderr
+    assert "verify" not in yaml.safe_load(squash.stdout)
+    assert "does NOT compute" in squash.stderr and "(the whole model)" in squash.stderr

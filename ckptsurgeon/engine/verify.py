@@ -83,11 +83,8 @@ class Comparison:
         return out
 
     def line(self) -> str:
-        name = (
-            self.candidate
-            if self.candidate == self.reference
-            else (f"{self.candidate} (reference: {self.reference})")
-        )
+        cand, ref = self.candidate or "(the whole model)", self.reference or "(the whole model)"
+        name = cand if cand == ref else f"{cand} (reference: {ref})"
         text = f"{name}: max abs err {self.max_abs_err:.2e}, max rel err {self.max_rel_err:.2e}"
         if self.top1_agreement is not None:
             text += f", top-1 agreement {self.top1_agreement:.1%}"
@@ -483,12 +480,12 @@ def verify(
     base_dir: str,
     source: SourceSpec,
     target: TargetSpec,
-    result: str,
+    result: Table,
     result_plan: Table,
 ) -> VerifyResult:
-    """Load the source into the reference model and ``result`` (a written checkpoint) into
-    the target model, run both, and compare; ``result_plan`` is the plan that made
-    ``result`` (it pairs the modules)."""
+    """Load the source into the reference model and ``result`` (the written checkpoint, or
+    the plan's own table) into the target model, run both, and compare; ``result_plan`` is
+    the plan that made ``result`` (its history pairs the modules)."""
     assert target.model, "verify: needs target.model (checked when the rules file is read)"
     device = _device(spec.device)
     reference = build_model(spec.reference.model, spec.reference.kwargs, base_dir, device="cpu")
@@ -500,7 +497,7 @@ def verify(
         TargetInfo("reference", expected_from_model(reference), reference),
     )
     _load(reference, reference_table, f"verify.reference: the source {source.path}")
-    _load(candidate, open_checkpoint(result).tensors, f"the result {result}")
+    _load(candidate, result, "the result")
 
     default_atol, default_rtol = TOLERANCES.get(_least_precise(result_plan), (1e-5, 1e-4))
     atol = spec.atol if spec.atol is not None else default_atol

@@ -87,10 +87,16 @@ def _comment(text: str, indent: str = "") -> str:
     return "".join(f"{indent}# {line}\n" for line in text.splitlines() or [""])
 
 
-def render_rules(report: DiffReport, source: SourceSpec, target: TargetSpec) -> str:
+def render_rules(
+    report: DiffReport,
+    source: SourceSpec,
+    target: TargetSpec,
+    verify: dict[str, Any] | None = None,
+) -> str:
     """The complete rules file: header, ``source``/``target`` filled in, ``output`` left for
-    the user, and each rule with its comment. Raises RuntimeError if the text would not
-    read back as the rules that were verified (a bug, never the user's input)."""
+    the user, each rule with its comment, and ``verify`` (a section that has passed) when
+    given. Raises RuntimeError if the text would not read back as the rules that were
+    verified (a bug, never the user's input)."""
     parts = [_header(report)]
     head: dict[str, Any] = {"version": 1}
     given = source.model_dump(exclude_defaults=True)
@@ -115,6 +121,11 @@ def render_rules(report: DiffReport, source: SourceSpec, target: TargetSpec) -> 
             parts.append(
                 "".join("  " + line + "\n" for line in _rule_yaml(finding.rule).splitlines())
             )
+    if verify is not None:
+        parts.append(
+            _comment("Verified: the result computes what the source computes in the reference.")
+        )
+        parts.append(_dump({"verify": verify}))
     notes = [f.summary for f in report.inference.findings if f.rule is None]
     if notes:
         parts.append(_comment("Notes:\n" + "\n".join(f"  {n}" for n in notes)))
