@@ -183,6 +183,11 @@ def test_named_module_pairs_leave_a_new_head_out(run_cli, bert_folder: Path, tmp
             2,
             "needs high",
         ),
+        (
+            {"reference": {"model": "no_such_package.models:Net"}, "inputs": BERT_INPUTS},
+            2,
+            "cannot import no_such_package.models",
+        ),
     ],
 )
 def test_bad_verify_sections_are_one_line_usage_errors(
@@ -299,3 +304,18 @@ def test_diff_suggest_verify_prints_a_verify_section_that_passes(run_cli, tmp_pa
     assert squash.returncode == 4, squash.stderr
     assert "verify" not in yaml.safe_load(squash.stdout)
     assert "does NOT compute" in squash.stderr and "(the whole model)" in squash.stderr
+
+
+def test_recorded_inputs_from_a_file(run_cli, bert_folder: Path, tmp_path: Path):
+    """``file:`` instead of seeded inputs: its tensors are the keyword arguments."""
+    ids = torch.randint(0, 100, (3, 5))
+    save_file({"input_ids": ids, "attention_mask": torch.ones(3, 5, dtype=torch.int64)},
+              tmp_path / "inputs.safetensors")  # fmt: skip
+    rules = write_rules(tmp_path, bert_folder, [])
+    doc = yaml.safe_load(rules.read_text())
+    doc["verify"].pop("inputs")
+    doc["verify"]["file"] = "inputs.safetensors"  # relative to the rules file
+    rules.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = run_cli("apply", rules, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["verify"]["ok"]
