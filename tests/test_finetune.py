@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,106 @@ def test_finetune_reads_weights_with_key_and_allow_global(data: Path, run_cli) -
     assert f"from {data / 'w.ckpt'}" in proc.stdout
     flag = ("--allow-global", "argparse.Namespace")
     assert_clean_failure(run_cli(*base, *flag, "--key", "nope"), 2, "--key 'nope'")
+
+
+def _trained_state() -> tuple[
+    torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
+]:
+    """A digits_cnn after two SGD steps, with its named optimizer groups and LR schedule."""
+    from ckptsurgeon.finetune.runner import make_optimizer, make_schedule
+
+    torch.manual_seed(0)
+    model = digits_cnn(2)
+    backbone = backbone_names(model, FreezeSpec(modules=["features"]))
+    phase = PhaseSpec(epochs=2, frozen=False, lr=0.1, backbone_lr_scale=0.1, schedule="cosine")
+    optimizer = make_optimizer(
+        spec(Path(".")), param_groups(model, backbone, phase, 1e-4, decay_all=False)
+    )
+    schedule = make_schedule(optimizer, phase, steps_per_epoch=3)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.randn(8, 1, 8, 8)), torch.randint(0, 2, (8,))
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model, optimizer, schedule
+
+
+def test_training_state_save_load_round_trip(tmp_path: Path) -> None:
+    import random
+
+    from ckptsurgeon.finetune.runner import STATE_FILE
+    from ckptsurgeon.finetune.state import History, TrainingState
+
+    cpu = torch.device("cpu")
+    model, optimizer, schedule = _trained_state()
+    metrics = [{"epoch": 1, "train_loss": 0.5, "val_loss": None, "val_acc": None}]
+    history = History(phase=1, epoch_in_phase=1, global_epoch=3, best_score=-0.5, metrics=metrics)
+    path = str(tmp_path / STATE_FILE)
+    TrainingState.capture(model, optimizer, schedule, None, history, cpu).save(path)
+    expected_torch, expected_python = torch.rand(4), random.random()  # what comes next
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temporary left behind
+
+    torch.manual_seed(123)  # move both generators on and start from a different model
+    random.seed(123)
+    other, other_opt, other_schedule = _trained_state()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    loaded = TrainingState.load(path)
+    assert loaded.history == history and loaded.scaler is None
+    assert loaded.param_groups == [g["name"] for g in optimizer.param_groups]
+    other.load_state_dict(loaded.model)
+    loaded.restore(other_opt, other_schedule, None, cpu)
+
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(optimizer.param_groups, other_opt.param_groups, strict=True):
+        assert {k: v for k, v in a.items() if k != "params"} == {
+            k: v for k, v in b.items() if k != "params"
+        }
+        for p, q in zip(a["params"], b["params"], strict=True):
+            assert torch.equal(
+                optimizer.state[p]["momentum_buffer"], other_opt.state[q]["momentum_buffer"]
+            )
+    assert other_schedule.state_dict() == schedule.state_dict()
+    assert torch.equal(torch.rand(4), expected_torch) and random.random() == expected_python
+
+
+def test_training_state_restore_refuses_other_param_groups(tmp_path: Path) -> None:
+    from ckptsurgeon.errors import UsageError
+    from ckptsurgeon.finetune.state import History, TrainingState
+
+    cpu = torch.device("cpu")
+    model, optimizer, schedule = _trained_state()
+    path = str(tmp_path / "state.pt")
+    TrainingState.capture(model, optimizer, schedule, None, History(), cpu).save(path)
+    frozen = torch.optim.SGD([{"name": "head.decay", "params": list(model.fc.parameters())}])
+    with pytest.raises(UsageError, match="parameter groups do not match"):
+        TrainingState.load(path).restore(frozen, schedule, None, cpu)
+
+
+class _Payload:
+    """Unpickling this makes a folder: proof that the pickle ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_training_state_load_refuses_a_pickled_object(tmp_path: Path) -> None:
+    from ckptsurgeon.errors import UsageError
+    from ckptsurgeon.finetune.state import TrainingState
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "state.pt"
+    torch.save({"model": {}, "history": _Payload(marker)}, path)
+    with pytest.raises(UsageError, match=r"--resume: cannot read .*state\.pt"):
+        TrainingState.load(str(path))
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: only weights_only stopped it
+    assert marker.is_dir()

@@ -1,5 +1,12 @@
 """The fine-tune recipe, top to bottom: freeze, build the optimizer per phase, train, resume.
 
+:func:`run_finetune` reads as the recipe: :func:`setup` (device, datasets, backbone),
+:func:`resume_from` under ``--resume``, :func:`train` (every phase, set up by
+:func:`setup_phase`, and its epochs), :func:`summarize`. The building blocks before them
+(runtime, optimizer groups, LR schedule, loaders, one training epoch, evaluation) stand on
+their own; ``benchmarks/gpu_bench.py`` drives some of them directly. What ``--resume``
+reads back is a :class:`~ckptsurgeon.finetune.state.TrainingState`.
+
 Plain PyTorch. One process, or several under ``torchrun`` (DDP, gloo on CPU and nccl on
 CUDA; only rank 0 writes). Every phase rebuilds the optimizer, the LR schedule and the DDP
 wrapper after the frozen set changes, which avoids the classic staged-unfreeze bugs
@@ -14,8 +21,9 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,9 +36,12 @@ from ckptsurgeon.finetune import features
 from ckptsurgeon.finetune.data import build_dataset, is_deterministic
 from ckptsurgeon.finetune.freeze import backbone_names, set_frozen
 from ckptsurgeon.finetune.outputs import model_output, to_device
+from ckptsurgeon.finetune.state import STATE_FILE, History, TrainingState
 from ckptsurgeon.rules.finetune import FinetuneSpec, PhaseSpec
 
-STATE_FILE = "state.pt"
+# A batch's inputs (a tensor, or a mapping of them) -> logits; the model or a cached head.
+Forward = Callable[[nn.Module, Any], torch.Tensor]
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -46,7 +57,7 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
@@ -154,17 +165,6 @@ def _workers(spec: FinetuneSpec, dataset: Dataset) -> int:
     return 0 if isinstance(dataset, TensorFileDataset) else min(4, os.cpu_count() or 1)
 
 
-@dataclass
-class History:
-    """What resume needs beyond the model and optimizer: where we are and the best so far."""
-
-    phase: int = 0
-    epoch_in_phase: int = 0  # epochs completed in ``phase``
-    global_epoch: int = 0
-    best_score: float = -math.inf
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
 def _score(m: dict[str, Any]) -> float:
     if m.get("val_acc") is not None:
         return m["val_acc"]
@@ -173,7 +173,7 @@ def _score(m: dict[str, Any]) -> float:
     return -m["train_loss"]
 
 
-def batches(loader: DataLoader, label: str, rt: Runtime):
+def batches(loader: DataLoader, label: str, rt: Runtime) -> Iterable[Any]:
     """The loader's batches, with a progress bar on rank 0 when stderr is a terminal."""
     if not (rt.main and sys.stderr.isatty()):
         return loader
@@ -187,11 +187,11 @@ def run_epoch(
     model: nn.Module,
     loader: DataLoader,
     rt: Runtime,
-    optimizer,
-    schedule,
-    scaler,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
     grad_clip: float | None,
-    forward=model_output,
+    forward: Forward = model_output,
 ) -> float:
     """One pass of training; returns the mean loss over this process's samples."""
     model.train()
@@ -223,7 +223,7 @@ def run_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, rt: Runtime, forward=model_output
+    model: nn.Module, loader: DataLoader, rt: Runtime, forward: Forward = model_output
 ) -> tuple[float, float]:
     """Mean loss and accuracy (a fraction) over the whole validation set, all ranks."""
     model.eval()
@@ -250,20 +250,6 @@ def _all_mean(total: float, count: int, rt: Runtime) -> float:
     return total / max(count, 1)
 
 
-def _rng_state(rt: Runtime) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if rt.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(rt.device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], rt: Runtime) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and rt.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], rt.device)
-
-
 def _save_weights(model: nn.Module, path: str, source: str) -> None:
     """``source``: what the run started from (its weights file, or the model spec)."""
     from ckptsurgeon.formats.table import from_tensor
@@ -277,205 +263,10 @@ def _save_weights(model: nn.Module, path: str, source: str) -> None:
     )
 
 
-def _save_state(
-    path: str, model: nn.Module, optimizer, schedule, scaler, history: History, rt: Runtime
-) -> None:
-    """The resumable state, written atomically (temporary file, fsync, rename)."""
-    from ckptsurgeon.formats.writer import atomic_path
-
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "param_groups": [g["name"] for g in optimizer.param_groups],
-        "rng": _rng_state(rt),
-        "history": {
-            "phase": history.phase,
-            "epoch_in_phase": history.epoch_in_phase,
-            "global_epoch": history.global_epoch,
-            "best_score": history.best_score,
-            "metrics": json.dumps(history.metrics),
-        },
-    }
-    with atomic_path(path, is_dir=False) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _load_state(path: str) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"--resume: cannot read {path}: {exc}") from None
-
-
 def _write_metrics(output_dir: str, metrics: list[dict[str, Any]]) -> None:
     with open(os.path.join(output_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
         for m in metrics:
             f.write(json.dumps(m) + "\n")
-
-
-def run_finetune(
-    spec: FinetuneSpec,
-    model: nn.Module,
-    *,
-    base_dir: str,
-    resume: bool = False,
-    log=print,
-    source: str = "",
-) -> dict[str, Any]:
-    """Train ``model`` (weights already loaded) as ``spec`` says; returns the summary.
-
-    ``source`` names what the weights came from; ``last``/``best.safetensors`` record it."""
-    rt = make_runtime(spec)
-    torch.manual_seed(spec.seed)
-    random.seed(spec.seed)
-    output_dir = (
-        spec.output_dir
-        if os.path.isabs(spec.output_dir)
-        else os.path.join(base_dir, spec.output_dir)
-    )
-    if rt.main:
-        os.makedirs(output_dir, exist_ok=True)
-    state_path = os.path.join(output_dir, STATE_FILE)
-
-    train_set = build_dataset(spec.data.train, base_dir)
-    val_set = build_dataset(spec.data.val, base_dir) if spec.data.val else None
-    workers = _workers(spec, train_set)
-    deterministic = is_deterministic(spec.data.train) and (
-        spec.data.val is None or is_deterministic(spec.data.val)
-    )
-
-    model.to(rt.device)
-    backbone = backbone_names(model, spec.freeze)
-    history = History()
-    saved: dict[str, Any] | None = None
-    if resume:
-        if not os.path.exists(state_path):
-            raise UsageError(f"--resume: no {state_path} to resume from")
-        saved = _load_state(state_path)
-        model.load_state_dict(saved["model"])
-        h = saved["history"]
-        history = History(
-            h["phase"],
-            h["epoch_in_phase"],
-            h["global_epoch"],
-            h["best_score"],
-            json.loads(h["metrics"]),
-        )
-        log(f"resuming after epoch {history.global_epoch} (phase {history.phase + 1})")
-
-    scaler_needed = rt.dtype == torch.float16
-    started = time.perf_counter()
-    for p_index, phase in enumerate(spec.phases):
-        if p_index < history.phase:
-            continue
-        locked = set_frozen(model, backbone, phase.frozen, spec.freeze.train_bn)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if trainable == 0:
-            raise UsageError(
-                f"phase {p_index + 1}: nothing is trainable (freeze selects everything)"
-            )
-        groups = param_groups(
-            model, backbone, phase, spec.optimizer.weight_decay, spec.optimizer.decay_norm_and_bias
-        )
-
-        cache = None
-        want_cache = spec.cache_features
-        if want_cache is True or (want_cache == "auto" and deterministic and phase.frozen):
-            cache = features.try_cache(
-                model, train_set, val_set, spec, rt, strict=want_cache is True, log=log
-            )
-        train_data, val_data = (cache.train, cache.val) if cache else (train_set, val_set)
-        net = cache.head if cache else model
-        forward = features.head_forward if cache else model_output
-        if rt.world > 1:
-            net = nn.parallel.DistributedDataParallel(
-                net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
-            )
-        optimizer = make_optimizer(spec, groups)
-        steps = len(loader_for(train_data, spec, rt, True, 0, 0))
-        schedule = make_schedule(optimizer, phase, steps)
-        scaler = torch.amp.GradScaler(rt.device.type) if scaler_needed else None
-        if saved is not None and p_index == history.phase:
-            if saved["param_groups"] != [g["name"] for g in optimizer.param_groups]:
-                raise UsageError(
-                    "--resume: the saved optimizer's parameter groups do not match "
-                    "this phase (was the rules file changed?)"
-                )
-            optimizer.load_state_dict(saved["optimizer"])
-            schedule.load_state_dict(saved["scheduler"])
-            if scaler is not None and saved["scaler"] is not None:
-                scaler.load_state_dict(saved["scaler"])
-            _set_rng_state(saved["rng"], rt)
-        log(
-            f"phase {p_index + 1}/{len(spec.phases)}: {'frozen backbone' if phase.frozen else 'all layers'}, "
-            f"{trainable:,} trainable parameters, lr {phase.lr:g}"
-            + (f", {len(locked)} BatchNorm layers kept in eval" if locked else "")
-            + (", cached features" if cache else "")
-        )
-
-        for e in range(history.epoch_in_phase if p_index == history.phase else 0, phase.epochs):
-            t0 = time.perf_counter()
-            loader = loader_for(
-                train_data, spec, rt, True, history.global_epoch, workers if not cache else 0
-            )
-            train_loss = run_epoch(
-                net, loader, rt, optimizer, schedule, scaler, spec.grad_clip, forward
-            )
-            val_loss = val_acc = None
-            if val_data is not None:
-                val_loader = loader_for(val_data, spec, rt, False, 0, workers if not cache else 0)
-                val_loss, val_acc = evaluate(net, val_loader, rt, forward)
-            history.global_epoch += 1
-            history.phase, history.epoch_in_phase = p_index, e + 1
-            metrics = {
-                "phase": p_index + 1, "epoch": history.global_epoch, "train_loss": train_loss,
-                "val_loss": val_loss, "val_acc": val_acc,
-                "lr": next((g["lr"] for g in optimizer.param_groups if g["name"].startswith("head")),
-                           optimizer.param_groups[0]["lr"]),
-                "trainable_params": trainable, "seconds": round(time.perf_counter() - t0, 4),
-            }  # fmt: skip
-            history.metrics.append(metrics)
-            improved = _score(metrics) > history.best_score
-            history.best_score = max(history.best_score, _score(metrics))
-            if rt.main:  # the state first: it is what --resume trusts, the rest follows it
-                _save_state(state_path, model, optimizer, schedule, scaler, history, rt)
-                _write_metrics(output_dir, history.metrics)
-                _save_weights(model, os.path.join(output_dir, "last.safetensors"), source)
-                if improved:
-                    _save_weights(model, os.path.join(output_dir, "best.safetensors"), source)
-            log(
-                f"epoch {history.global_epoch}: train_loss {train_loss:.4f}"
-                + (
-                    f", val_loss {val_loss:.4f}, val_acc {val_acc:.4f}"
-                    if val_loss is not None
-                    else ""
-                )
-                + f" ({metrics['seconds']:.2f} s)"
-            )
-        history.phase, history.epoch_in_phase = p_index + 1, 0
-        saved = None
-
-    summary = {
-        "epochs": history.global_epoch,
-        "best_score": history.best_score,
-        "final": history.metrics[-1] if history.metrics else None,
-        "seconds": round(time.perf_counter() - started, 3),
-        "device": str(rt.device),
-        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.dtype],
-        "world_size": rt.world,
-        "output_dir": output_dir,
-    }
-    if rt.main:
-        with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-        _plot(output_dir, history.metrics)
-    if rt.world > 1:
-        dist.barrier()
-    return summary
 
 
 def _plot(output_dir: str, metrics: list[dict[str, Any]]) -> None:
@@ -501,3 +292,252 @@ def _plot(output_dir: str, metrics: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "curves.png"), dpi=100)
     plt.close(fig)
+
+
+@dataclass
+class Run:
+    """A fine-tune, set up once: the runtime, data and model that every phase works on."""
+
+    spec: FinetuneSpec
+    rt: Runtime
+    model: nn.Module  # unwrapped even under DDP: it is what gets saved, under its own key names
+    backbone: set[str]
+    train_set: Dataset
+    val_set: Dataset | None
+    workers: int
+    deterministic: bool  # no random augmentation, so features may be cached
+    output_dir: str
+    source: str
+    log: Log
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.output_dir, STATE_FILE)
+
+
+@dataclass
+class PhaseRun:
+    """One phase, set up: the frozen set applied and the optimizer, schedule, scaler and
+    (under torchrun) DDP wrapper built for it."""
+
+    index: int
+    phase: PhaseSpec
+    net: nn.Module  # the model, or its head over cached features; DDP under torchrun
+    forward: Forward
+    train_data: Dataset
+    val_data: Dataset | None
+    workers: int
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    trainable: int
+    locked: list[str]  # BatchNorm layers kept in eval
+    cached: bool
+
+
+def setup(spec: FinetuneSpec, model: nn.Module, *, base_dir: str, log: Log, source: str) -> Run:
+    """Pick the device (joining the process group under torchrun), seed, make the output
+    folder (rank 0), build the datasets, move ``model`` to the device, find its backbone."""
+    rt = make_runtime(spec)
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    output_dir = (
+        spec.output_dir
+        if os.path.isabs(spec.output_dir)
+        else os.path.join(base_dir, spec.output_dir)
+    )
+    if rt.main:
+        os.makedirs(output_dir, exist_ok=True)
+    train_set = build_dataset(spec.data.train, base_dir)
+    val_set = build_dataset(spec.data.val, base_dir) if spec.data.val else None
+    deterministic = is_deterministic(spec.data.train) and (
+        spec.data.val is None or is_deterministic(spec.data.val)
+    )
+    model.to(rt.device)
+    return Run(
+        spec=spec,
+        rt=rt,
+        model=model,
+        backbone=backbone_names(model, spec.freeze),
+        train_set=train_set,
+        val_set=val_set,
+        workers=_workers(spec, train_set),
+        deterministic=deterministic,
+        output_dir=output_dir,
+        source=source,
+        log=log,
+    )
+
+
+def resume_from(run: Run) -> TrainingState:
+    """The state the last completed epoch saved, its weights already loaded into the model."""
+    if not os.path.exists(run.state_path):
+        raise UsageError(f"--resume: no {run.state_path} to resume from")
+    saved = TrainingState.load(run.state_path)
+    run.model.load_state_dict(saved.model)
+    h = saved.history
+    run.log(f"resuming after epoch {h.global_epoch} (phase {h.phase + 1})")
+    return saved
+
+
+def setup_phase(run: Run, index: int) -> PhaseRun:
+    """Freeze for phase ``index`` and build what trains it (on cached features where that
+    is allowed). The optimizer, schedule and DDP wrapper are new each phase: ones built for
+    the last phase would miss the parameters this one unfreezes."""
+    spec, rt, model = run.spec, run.rt, run.model
+    phase = spec.phases[index]
+    locked = set_frozen(model, run.backbone, phase.frozen, spec.freeze.train_bn)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise UsageError(f"phase {index + 1}: nothing is trainable (freeze selects everything)")
+    groups = param_groups(
+        model, run.backbone, phase, spec.optimizer.weight_decay, spec.optimizer.decay_norm_and_bias
+    )
+
+    cache = None
+    want_cache = spec.cache_features
+    if want_cache is True or (want_cache == "auto" and run.deterministic and phase.frozen):
+        cache = features.try_cache(
+            model, run.train_set, run.val_set, spec, rt, strict=want_cache is True, log=run.log
+        )
+    train_data, val_data = (cache.train, cache.val) if cache else (run.train_set, run.val_set)
+    net = cache.head if cache else model
+    if rt.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+        )
+    optimizer = make_optimizer(spec, groups)
+    steps = len(loader_for(train_data, spec, rt, True, 0, 0))
+    return PhaseRun(
+        index=index,
+        phase=phase,
+        net=net,
+        forward=features.head_forward if cache else model_output,
+        train_data=train_data,
+        val_data=val_data,
+        workers=0 if cache else run.workers,  # cached features are in-memory tensors
+        optimizer=optimizer,
+        schedule=make_schedule(optimizer, phase, steps),
+        scaler=torch.amp.GradScaler(rt.device.type) if rt.dtype == torch.float16 else None,
+        trainable=trainable,
+        locked=locked,
+        cached=cache is not None,
+    )
+
+
+def train(run: Run, history: History, saved: TrainingState | None = None) -> None:
+    """Run the phases and their epochs from where ``history`` stands, updating it; after
+    each epoch evaluate and (rank 0) save the state, the metrics and last/best weights.
+
+    ``saved``: the state ``history`` came from, restored into the first phase run."""
+    spec, rt = run.spec, run.rt
+    for index in range(history.phase, len(spec.phases)):
+        p = setup_phase(run, index)
+        if saved is not None:  # it was taken in this phase: the first one run
+            saved.restore(p.optimizer, p.schedule, p.scaler, rt.device)
+            saved = None
+        run.log(_phase_line(p, len(spec.phases)))
+
+        for e in range(history.epoch_in_phase, p.phase.epochs):
+            t0 = time.perf_counter()
+            loader = loader_for(p.train_data, spec, rt, True, history.global_epoch, p.workers)
+            train_loss = run_epoch(
+                p.net, loader, rt, p.optimizer, p.schedule, p.scaler, spec.grad_clip, p.forward
+            )
+            val_loss = val_acc = None
+            if p.val_data is not None:
+                val_loader = loader_for(p.val_data, spec, rt, False, 0, p.workers)
+                val_loss, val_acc = evaluate(p.net, val_loader, rt, p.forward)
+            history.global_epoch += 1
+            history.phase, history.epoch_in_phase = index, e + 1
+            metrics = {
+                "phase": index + 1, "epoch": history.global_epoch, "train_loss": train_loss,
+                "val_loss": val_loss, "val_acc": val_acc,
+                "lr": next((g["lr"] for g in p.optimizer.param_groups if g["name"].startswith("head")),
+                           p.optimizer.param_groups[0]["lr"]),
+                "trainable_params": p.trainable, "seconds": round(time.perf_counter() - t0, 4),
+            }  # fmt: skip
+            history.metrics.append(metrics)
+            improved = _score(metrics) > history.best_score
+            history.best_score = max(history.best_score, _score(metrics))
+            if rt.main:
+                _save_epoch(run, p, history, improved)
+            run.log(_epoch_line(metrics))
+        history.phase, history.epoch_in_phase = index + 1, 0
+
+
+def _save_epoch(run: Run, p: PhaseRun, history: History, improved: bool) -> None:
+    # The state first: it is what --resume trusts, the rest follows it.
+    state = TrainingState.capture(
+        run.model, p.optimizer, p.schedule, p.scaler, history, run.rt.device
+    )
+    state.save(run.state_path)
+    _write_metrics(run.output_dir, history.metrics)
+    _save_weights(run.model, os.path.join(run.output_dir, "last.safetensors"), run.source)
+    if improved:
+        _save_weights(run.model, os.path.join(run.output_dir, "best.safetensors"), run.source)
+
+
+def _phase_line(p: PhaseRun, phases: int) -> str:
+    return (
+        f"phase {p.index + 1}/{phases}: {'frozen backbone' if p.phase.frozen else 'all layers'}, "
+        f"{p.trainable:,} trainable parameters, lr {p.phase.lr:g}"
+        + (f", {len(p.locked)} BatchNorm layers kept in eval" if p.locked else "")
+        + (", cached features" if p.cached else "")
+    )
+
+
+def _epoch_line(m: dict[str, Any]) -> str:
+    return (
+        f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f}"
+        + (
+            f", val_loss {m['val_loss']:.4f}, val_acc {m['val_acc']:.4f}"
+            if m["val_loss"] is not None
+            else ""
+        )
+        + f" ({m['seconds']:.2f} s)"
+    )
+
+
+def summarize(run: Run, history: History, seconds: float) -> dict[str, Any]:
+    """The run's summary (``seconds``: the training's wall time); rank 0 also writes it to
+    summary.json and plots curves.png. Under torchrun every rank waits here until rank 0
+    has written them."""
+    rt = run.rt
+    summary = {
+        "epochs": history.global_epoch,
+        "best_score": history.best_score,
+        "final": history.metrics[-1] if history.metrics else None,
+        "seconds": round(seconds, 3),
+        "device": str(rt.device),
+        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.dtype],
+        "world_size": rt.world,
+        "output_dir": run.output_dir,
+    }
+    if rt.main:
+        with open(os.path.join(run.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        _plot(run.output_dir, history.metrics)
+    if rt.world > 1:
+        dist.barrier()
+    return summary
+
+
+def run_finetune(
+    spec: FinetuneSpec,
+    model: nn.Module,
+    *,
+    base_dir: str,
+    resume: bool = False,
+    log: Log = print,
+    source: str = "",
+) -> dict[str, Any]:
+    """Train ``model`` (weights already loaded) as ``spec`` says; returns the summary.
+
+    ``source`` names what the weights came from; ``last``/``best.safetensors`` record it."""
+    run = setup(spec, model, base_dir=base_dir, log=log, source=source)
+    saved = resume_from(run) if resume else None
+    history = saved.history if saved is not None else History()
+    started = time.perf_counter()
+    train(run, history, saved)
+    return summarize(run, history, time.perf_counter() - started)
