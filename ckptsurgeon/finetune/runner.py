@@ -16,6 +16,7 @@ wrapper after the frozen set changes, which avoids the classic staged-unfreeze b
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -42,6 +43,8 @@ from ckptsurgeon.rules.finetune import FinetuneSpec, PhaseSpec
 # A batch's inputs (a tensor, or a mapping of them) -> logits; the model or a cached head.
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 Log = Callable[[str], None]
+# The library logs; the CLI passes its own printer.
+_log = logging.getLogger("ckptsurgeon").info
 
 
 @dataclass
@@ -529,7 +532,7 @@ def run_finetune(
     *,
     base_dir: str,
     resume: bool = False,
-    log: Log = print,
+    log: Log = _log,
     source: str = "",
 ) -> dict[str, Any]:
     """Train ``model`` (weights already loaded) as ``spec`` says; returns the summary.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +77,7 @@ class TrainingState:
     def save(self, path: str) -> None:
         """Write ``path`` atomically (temporary file, fsync, rename): a run killed while
         saving leaves the previous state in place, never a torn one."""
-        from ckptsurgeon.formats.writer import atomic_path
+        from ckptsurgeon.formats.atomic import atomic_path, fsync_file
 
         h = self.history
         state = {
@@ -98,8 +97,7 @@ class TrainingState:
         }
         with atomic_path(path, is_dir=False) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f)
 
     @classmethod
     def load(cls, path: str) -> TrainingState:
