@@ -135,12 +135,50 @@ class Job:
         path = self.document.output_spec.path
         return resolve(path, self.base_dir) if path else None
 
-    def _fixed_inputs(self) -> list[str]:
-        """The rules file and the reference checkpoint or manifest a target names."""
+    def _target_files(self) -> list[str]:
+        """The reference checkpoint or manifest a target names."""
         target = self.document.target
         named = [p for p in (target.checkpoint, target.manifest) if p] if target else []
-        files = [resolve(p, self.base_dir) for p in named]
+        return [resolve(p, self.base_dir) for p in named]
+
+    def _fixed_inputs(self) -> list[str]:
+        """The rules file and the target's files: inputs the output must never replace."""
+        files = self._target_files()
         return [self.rules_path, *files] if self.rules_path else files
+
+    def record(self) -> str:
+        """What an output made by this job records about its inputs (see
+        :mod:`ckptsurgeon.engine.uptodate`): the document as validated, the source as read
+        (overrides included), and the identity of every input file."""
+        from ckptsurgeon.engine.uptodate import make_record
+
+        source = self.source_spec()
+        document = {
+            "document": self.document.model_dump(mode="json"),
+            "source": source.model_dump(mode="json"),
+            "output": self.output_path,
+        }
+        files = [source.path, *self._target_files(), *self._code_inputs()]
+        return make_record(document, [f for f in files if os.path.exists(f)])
+
+    def _code_inputs(self) -> list[str]:
+        """Model files (``file.py:callable``) and recorded inputs the job runs or reads."""
+        names = []
+        if self.document.target and self.document.target.model:
+            names.append(self.document.target.model)
+        verify = self.document.verify
+        if verify is not None:
+            names.append(verify.reference.model)
+        paths = [resolve(n.rpartition(":")[0], self.base_dir) for n in names if ".py:" in n]
+        if verify is not None and verify.file:
+            paths.append(resolve(verify.file, self.base_dir))
+        return paths
+
+    def up_to_date(self) -> bool:
+        """Does the output exist, made by this version from the same inputs and rules?"""
+        from ckptsurgeon.engine.uptodate import is_up_to_date
+
+        return is_up_to_date(self.output_path, self.record())
 
     # -- the steps ----------------------------------------------------------------------
 
@@ -168,9 +206,11 @@ class Job:
         """
         from ckptsurgeon.engine.plan import PlanFailed
         from ckptsurgeon.engine.report import Written
+        from ckptsurgeon.engine.uptodate import RECORD_KEY
         from ckptsurgeon.formats.atomic import refuse_overwriting_inputs
         from ckptsurgeon.formats.writer import check_output, provenance, write_checkpoint
 
+        record = self.record()  # the inputs as they are before reading them
         started = time.perf_counter()
         plan = self.plan()
         planned = time.perf_counter()
@@ -204,7 +244,7 @@ class Job:
             plan.table,
             plan.output,
             max_shard_size=spec.max_shard_size,
-            metadata=provenance(plan.source.path),
+            metadata=provenance(plan.source.path, {RECORD_KEY: record}),
             progress=write.progress,
             durable=durable,
             prehashed=write.prehashed,
