@@ -234,11 +234,18 @@ class Job:
             raise UsageError("no output: give output.path in the rules file or --output")
         durable = spec.fsync and write.durable
 
-        def verify_before_commit(written: str) -> None:
+        extras = self._extras(plan)
+        carried: list[str] = []
+
+        def before_commit(written: str) -> None:
+            """Complete the temporary output, then prove it, before it is moved into place."""
             from ckptsurgeon.engine.verify import raise_if_failed
 
-            report.verify = self._verify(plan, written)
-            raise_if_failed(report.verify, report)
+            if extras is not None:
+                carried.extend(self._complete_folder(plan, written, extras))
+            if self.document.verify is not None:
+                report.verify = self._verify(plan, written)
+                raise_if_failed(report.verify, report)
 
         result = write_checkpoint(
             plan.table,
@@ -248,9 +255,10 @@ class Job:
             progress=write.progress,
             durable=durable,
             prehashed=write.prehashed,
-            before_commit=verify_before_commit if self.document.verify else None,
+            before_commit=before_commit,
         )
-        report.written = Written(result.path, result.files, result.total_bytes, durable)
+        files = [*result.files, *(os.path.join(result.path, name) for name in carried)]
+        report.written = Written(result.path, files, result.total_bytes, durable)
         # The work itself, without interpreter start-up and imports (benchmarks compare it).
         report.seconds = {
             "plan": round(planned - started, 4),
@@ -259,6 +267,38 @@ class Job:
         if finetune and self.document.finetune is not None:
             report.finetune = self.finetune(weights=result.path, read=ReadOptions(), log=log)
         return report
+
+    def _extras(self, plan: Plan) -> list[str] | None:
+        """The source folder's config, tokenizer and preprocessor files a folder output
+        carries along (``output.copy_extras``); None when the output is not a folder or
+        the document turns it off. Checked here, before anything is written."""
+        from ckptsurgeon.formats.hf_folder import extras_in
+        from ckptsurgeon.formats.writer import output_kind
+
+        if plan.output is None or not self.document.output_spec.copy_extras:
+            return None
+        if output_kind(plan.output) != "folder":
+            return None
+        source = plan.source
+        if os.path.isdir(source.path):
+            return extras_in(source.path)
+        if source.path.startswith("hf://") and source.files:  # a cache snapshot's folder
+            return extras_in(os.path.dirname(source.files[0]))
+        return []
+
+    def _complete_folder(self, plan: Plan, written: str, extras: list[str]) -> list[str]:
+        """Copy ``extras`` into the temporary folder ``written`` and, for a transformers
+        target, write the target's own config.json; returns the names added."""
+        from ckptsurgeon.formats.hf_folder import CONFIG, copy_extras, write_model_config
+        from ckptsurgeon.formats.table import dtype_name
+
+        names = copy_extras(extras, written)
+        model = plan.target.model if plan.target is not None else None
+        floats = [r.dtype for r in plan.table.values() if r.dtype.is_floating_point]
+        dtype = dtype_name(floats[0]) if floats else None
+        if model is not None and write_model_config(model, written, dtype):
+            names = [*dict.fromkeys([*names, CONFIG])]
+        return names
 
     def verify(self) -> VerifyResult:
         """Verify the output already written (``ckptsurgeon verify``): does it compute what

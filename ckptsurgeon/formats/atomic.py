@@ -15,16 +15,15 @@ import ctypes
 import errno
 import functools
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Iterator
 
 from ckptsurgeon.errors import UsageError
+from ckptsurgeon.formats.hf_folder import is_output_file
 from ckptsurgeon.paths import within
 
 TMP_MARK = ".ckptsurgeon-tmp-"
-SHARD_INDEX = "model.safetensors.index.json"
 
 
 def fsync_file(f) -> None:
@@ -127,12 +126,6 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
-# The names a folder output holds (see _write_folder): only these may be replaced.
-_FOLDER_OUTPUT_NAME = re.compile(
-    r"model(-\d{5}-of-\d{5})?\.safetensors|" + re.escape(SHARD_INDEX), re.ASCII
-)
-
-
 def check_replaceable(final: str, *, is_dir: bool) -> None:
     """UsageError unless writing to ``final`` replaces nothing but an earlier output of the
     same kind: a folder output swaps the whole folder, so a folder holding anything else
@@ -140,7 +133,7 @@ def check_replaceable(final: str, *, is_dir: bool) -> None:
     if os.path.isdir(final):
         if not is_dir:
             raise UsageError(f"output {final} is an existing folder; give a file path")
-        others = sorted(n for n in os.listdir(final) if not _FOLDER_OUTPUT_NAME.fullmatch(n))
+        others = sorted(n for n in os.listdir(final) if not is_output_file(n))
         if others:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise UsageError(

@@ -69,6 +69,11 @@ class OutputSpec(Strict):
     fsync: bool = Field(
         True, description="wait for the disk (survives power loss); false: as fast as cp -r"
     )
+    copy_extras: bool = Field(
+        True,
+        description="folder output from a folder source: carry config, tokenizer and "
+        "preprocessor files along; a transformers target writes its own config.json",
+    )
 
 
 class CheckSpec(Strict):

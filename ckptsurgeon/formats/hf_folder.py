@@ -1,0 +1,90 @@
+"""The Hugging Face folder layout an output folder follows, and the files that make it load.
+
+A folder output holds ``model.safetensors`` (or shards and their index); for
+``from_pretrained(output)`` to work it also needs the model's ``config.json`` and, for a
+model with a tokenizer or an image processor, their files. They are carried along from a
+folder source (``output.copy_extras``), and a transformers target writes its own
+``config.json``. No torch import: the atomic writer checks these names too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Any
+
+from ckptsurgeon.errors import InputError
+from ckptsurgeon.paths import within
+
+SHARD_INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+
+# What from_pretrained reads beside the weights (transformers' and tokenizers' names).
+EXTRA_FILES = re.compile(
+    r"config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|"
+    r"special_tokens_map\.json|added_tokens\.json|vocab\.txt|vocab\.json|merges\.txt|"
+    r"[^/]*\.model|chat_template\.jinja|chat_template\.json|preprocessor_config\.json",
+    re.ASCII,
+)
+WEIGHT_FILES = re.compile(
+    r"model(-\d{5}-of-\d{5})?\.safetensors|" + re.escape(SHARD_INDEX), re.ASCII
+)
+
+
+def is_output_file(name: str) -> bool:
+    """May a folder output replace a file of this name (one an earlier output wrote)?"""
+    return bool(WEIGHT_FILES.fullmatch(name) or EXTRA_FILES.fullmatch(name))
+
+
+def _allowed_roots(folder: str) -> list[str]:
+    """Where a source folder's files may really lie: the folder itself, and for a Hugging
+    Face cache snapshot (``models--org--name/snapshots/<rev>``) that repository's blobs."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    snapshots = os.path.dirname(real)
+    if os.path.basename(snapshots) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(snapshots), "blobs"))
+    return roots
+
+
+def extras_in(folder: str) -> list[str]:
+    """The files of ``folder`` a loadable output carries along, checked: a link may only
+    point inside the folder (or, for a cache snapshot, into its blobs)."""
+    found = []
+    roots = _allowed_roots(folder)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not EXTRA_FILES.fullmatch(name) or not os.path.isfile(path):
+            continue
+        real = os.path.realpath(path)
+        if not any(within(real, root) for root in roots):
+            raise InputError(
+                f"{path} links outside {folder} ({real}); not copied: copy it by hand or "
+                "set output.copy_extras: false"
+            )
+        found.append(path)
+    return found
+
+
+def copy_extras(files: list[str], dest: str) -> list[str]:
+    """Copy ``files`` (from :func:`extras_in`) into ``dest`` as the files they name."""
+    copied = []
+    for path in files:
+        target = os.path.join(dest, os.path.basename(path))
+        shutil.copyfile(os.path.realpath(path), target)
+        copied.append(os.path.basename(path))
+    return copied
+
+
+def write_model_config(model: Any, dest: str, dtype: str | None) -> bool:
+    """Write a transformers model's own ``config.json`` (as ``save_pretrained`` does:
+    architectures and dtype set) into ``dest``; False for a model that has none."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_file"):
+        return False
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
+    config.to_json_file(os.path.join(dest, CONFIG))
+    return True
