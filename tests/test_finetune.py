@@ -302,6 +302,44 @@ def test_two_processes_with_torchrun(data: Path) -> None:
     summary = json.loads((data / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert len((data / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
+    assert "destroy_process_group" not in proc.stderr  # the runner ends the group it started
+
+
+@pytest.mark.parametrize("size", [7, 8, 1])
+def test_evaluation_under_several_ranks_counts_each_sample_once(size: int) -> None:
+    """DistributedSampler pads every rank to the same length (repeating samples); the
+    validation loader must not, or the accuracy counts some samples twice."""
+    from torch.utils.data import TensorDataset
+
+    from ckptsurgeon.finetune.runner import Runtime, loader_for
+
+    dataset = TensorDataset(torch.arange(size))
+    s = spec(Path("."))
+    seen: list[int] = []
+    for rank in range(2):
+        rt = Runtime(torch.device("cpu"), None, rank=rank, world=2)
+        seen += [int(i) for (batch,) in loader_for(dataset, s, rt, False, 0, 0) for i in batch]
+    assert sorted(seen) == list(range(size))
+    # Training still pads, as DDP's lock-step needs equal batch counts per rank.
+    rt = Runtime(torch.device("cpu"), None, rank=1, world=2)
+    assert len(loader_for(dataset, s, rt, True, 0, 0).sampler) == (size + 1) // 2
+
+
+def test_a_factory_file_is_imported_under_the_same_name_in_every_process(tmp_path: Path) -> None:
+    """Workers started with spawn or forkserver import a file.py:callable again by name."""
+    (tmp_path / "factory.py").write_text("def make():\n    return 1\n")
+    code = (
+        "import sys; from ckptsurgeon.targets.models import load_callable; "
+        "print(load_callable(sys.argv[1]).__module__)"
+    )
+    names = {
+        subprocess.run(
+            [sys.executable, "-c", code, f"{tmp_path / 'factory.py'}:make"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    }  # fmt: skip
+    assert len(names) == 1 and names.pop().startswith("ckptsurgeon_user_")
 
 
 @pytest.mark.cuda

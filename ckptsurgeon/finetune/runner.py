@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.finetune import features
@@ -55,6 +55,7 @@ class Runtime:
     dtype: torch.dtype | None  # autocast dtype, None for fp32
     rank: int = 0
     world: int = 1
+    owns_group: bool = False  # this runner started the process group, so it ends it
 
     @property
     def main(self) -> bool:
@@ -79,13 +80,14 @@ def make_runtime(spec: FinetuneSpec) -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if cuda else "gloo")
     precision = spec.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Runtime(device, dtype, rank, world)
+    return Runtime(device, dtype, rank, world, owns_group)
 
 
 def param_groups(
@@ -140,8 +142,15 @@ def make_schedule(
 def loader_for(
     dataset: Dataset, spec: FinetuneSpec, rt: Runtime, shuffle: bool, epoch_seed: int, workers: int
 ) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch): resumed runs see the same batches."""
-    if rt.world > 1:
+    """A loader whose order depends only on (seed, epoch): resumed runs see the same batches.
+
+    Under several processes, training uses DistributedSampler (which pads every rank to the
+    same length, as DDP's lock-step needs); evaluation (``shuffle`` false) gives each rank
+    every ``world``-th sample instead, so each sample is counted exactly once."""
+    sampler: Sampler[int] | None
+    if rt.world > 1 and not shuffle:
+        sampler = _EveryNth(len(dataset), rt.rank, rt.world)  # type: ignore[arg-type]
+    elif rt.world > 1:
         sampler = DistributedSampler(dataset, rt.world, rt.rank, shuffle=shuffle, seed=spec.seed)
         sampler.set_epoch(epoch_seed)
     elif shuffle:
@@ -157,6 +166,19 @@ def loader_for(
         num_workers=workers,
         pin_memory=rt.device.type == "cuda",
     )
+
+
+class _EveryNth(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: one rank's share of an evaluation, no padding."""
+
+    def __init__(self, size: int, rank: int, world: int) -> None:
+        self.indices = range(rank, size, world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def _workers(spec: FinetuneSpec, dataset: Dataset) -> int:
@@ -542,5 +564,9 @@ def run_finetune(
     saved = resume_from(run) if resume else None
     history = saved.history if saved is not None else History()
     started = time.perf_counter()
-    train(run, history, saved)
-    return summarize(run, history, time.perf_counter() - started)
+    try:
+        train(run, history, saved)
+        return summarize(run, history, time.perf_counter() - started)
+    finally:
+        if run.rt.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -6,6 +6,7 @@ A model target is built on the meta device, so even a 7B-parameter model costs n
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -33,7 +34,10 @@ def load_callable(spec: str, base_dir: str | None = None) -> Callable[..., Any]:
         path = resolve(module_part, base_dir)
         if not os.path.isfile(path):
             raise UsageError(f"target {spec!r}: no file {path}")
-        name = f"ckptsurgeon_user_{abs(hash(os.path.abspath(path)))}"
+        # Stable across processes (hash() is salted per process): DataLoader workers
+        # started with spawn or forkserver import the file again under this name.
+        digest = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
+        name = f"ckptsurgeon_user_{digest}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         assert module_spec and module_spec.loader
         module = importlib.util.module_from_spec(module_spec)
