@@ -121,6 +121,8 @@ def test_run_writes_metrics_weights_state_and_summary(data: Path) -> None:
     frozen_before = {k: v.clone() for k, v in model.features.state_dict().items()}
     summary = run_finetune(spec(data), model, base_dir=str(data), log=quiet)
     run = data / "run"
+    image = pytest.importorskip("matplotlib.image").imread(run / "curves.png")
+    assert image.shape[:2] == (350, 900) and image.std() > 0  # drawn, not blank
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3, 4] and [m["phase"] for m in lines] == [
         1,

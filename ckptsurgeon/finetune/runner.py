@@ -15,6 +15,7 @@ wrapper after the frozen set changes, which avoids the classic staged-unfreeze b
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -309,8 +310,13 @@ def _plot(output_dir: str, metrics: list[dict[str, Any]]) -> None:
     if any(m["val_loss"] is not None for m in metrics):
         ax_loss.plot(epochs, [m["val_loss"] for m in metrics], label="val")
         ax_acc.plot(epochs, [m["val_acc"] for m in metrics], label="val acc")
+    # Where a phase begins (the frozen set changes): a dashed line on both plots.
+    starts = [b["epoch"] - 0.5 for a, b in itertools.pairwise(metrics) if a["phase"] != b["phase"]]
+    for x in starts:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(x, color="grey", linestyle="--", linewidth=1)
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_title("loss")
+    ax_loss.set_title("loss" + (" (dashed: a new phase)" if starts else ""))
     ax_loss.legend()
     ax_acc.set_xlabel("epoch")
     ax_acc.set_title("accuracy")
