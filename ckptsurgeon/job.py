@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptsurgeon.errors import UsageError
+from ckptsurgeon.formats.hub import local_path
 from ckptsurgeon.paths import resolve, rules_folder, within
 from ckptsurgeon.rules.config import SourceSpec
 from ckptsurgeon.rules.document import RulesFile, load_rules, parse_document
@@ -159,6 +160,7 @@ class Job:
             "output": self.output_path,
         }
         files = [source.path, *self._target_files(), *self._code_inputs()]
+        files = [local_path(f) for f in files]  # hf:// names: their cache snapshots
         return make_record(document, [f for f in files if os.path.exists(f)])
 
     def _code_inputs(self) -> list[str]:
@@ -214,7 +216,7 @@ class Job:
         started = time.perf_counter()
         plan = self.plan()
         planned = time.perf_counter()
-        inputs = [plan.source.path, *plan.source.files, *self._fixed_inputs()]
+        inputs = [local_path(plan.source.path), *plan.source.files, *self._fixed_inputs()]
         if report_path is not None:
             _check_report_path(report_path, inputs, plan.output)
         report = plan.report(dry_run=dry_run)
@@ -280,11 +282,8 @@ class Job:
         if output_kind(plan.output) != "folder":
             return None
         source = plan.source
-        if os.path.isdir(source.path):
-            return extras_in(source.path)
-        if source.path.startswith("hf://") and source.files:  # a cache snapshot's folder
-            return extras_in(os.path.dirname(source.files[0]))
-        return []
+        folder = local_path(source.path)  # an hf:// name: its cache snapshot
+        return extras_in(folder) if os.path.isdir(folder) else []
 
     def _complete_folder(self, plan: Plan, written: str, extras: list[str]) -> list[str]:
         """Copy ``extras`` into the temporary folder ``written`` and, for a transformers

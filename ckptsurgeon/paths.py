@@ -3,17 +3,31 @@
 A path in a rules file resolves against that file's folder; a path given on the command
 line (or to the Python API) resolves against the working directory. ``~`` is expanded
 either way. Nothing here touches the disk beyond ``realpath``.
+
+An ``hf://org/name[@revision]`` name (a model in the Hugging Face cache, see
+:mod:`ckptsurgeon.formats.hub`) is not a path: it is left as it is, wherever it is written.
 """
 
 from __future__ import annotations
 
 import os
 
+HF_PREFIX = "hf://"
+
+
+def is_hf(path: str | os.PathLike[str]) -> bool:
+    """Is ``path`` an ``hf://`` name rather than a file system path?"""
+    return isinstance(path, str) and path.startswith(HF_PREFIX)
+
 
 def resolve(path: str | os.PathLike[str], base_dir: str | None = None) -> str:
     """``path`` made absolute: ``~`` expanded, then a relative path joined to ``base_dir``
-    (the rules file's folder), or to the working directory when ``base_dir`` is None."""
-    path = os.path.expanduser(os.fspath(path))
+    (the rules file's folder), or to the working directory when ``base_dir`` is None.
+    An ``hf://`` name is returned unchanged."""
+    path = os.fspath(path)
+    if is_hf(path):
+        return path
+    path = os.path.expanduser(path)
     if os.path.isabs(path):
         return os.path.normpath(path)
     return os.path.normpath(os.path.join(base_dir if base_dir is not None else os.getcwd(), path))

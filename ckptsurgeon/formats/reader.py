@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ckptsurgeon.errors import InputError, UsageError
-from ckptsurgeon.formats import dcp_io, safetensors_io, torch_io
+from ckptsurgeon.formats import dcp_io, hub, safetensors_io, torch_io
 from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.formats.index import find_index, read_index
 from ckptsurgeon.formats.table import Table, from_tensor
@@ -33,7 +33,13 @@ class Checkpoint:
 
 
 def detect_format(path: str) -> str:
-    """One of safetensors, safetensors-sharded, torch-zip, torch-legacy, torch-sharded, dcp."""
+    """One of safetensors, safetensors-sharded, torch-zip, torch-legacy, torch-sharded, dcp.
+
+    ``hf://org/name[@revision]`` is the snapshot folder in the Hugging Face cache."""
+    if hub.is_hf(path):
+        snapshot = hub.resolve(path)
+        with hub.named_as(snapshot):
+            return detect_format(snapshot.folder)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder")
     if os.path.isdir(path):
@@ -94,8 +100,16 @@ def open_checkpoint(
 
     ``key`` picks a nested container (``state_dict``, ``model``, ``a/b`` for deeper ones);
     without it the state dict is found automatically and ``Checkpoint.note`` says how.
+    ``hf://org/name[@revision]`` opens that model's snapshot in the Hugging Face cache
+    (offline); ``Checkpoint.path`` is then the hf:// name, ``files`` the snapshot's files.
     """
     path = os.fspath(path)
+    if hub.is_hf(path):
+        snapshot = hub.resolve(path)
+        with hub.named_as(snapshot):
+            ckpt = open_checkpoint(snapshot.folder, key, allow_globals)
+        ckpt.path = snapshot.name
+        return ckpt
     torch_io.resolve_allowed_globals(allow_globals)  # a bad --allow-global is an error everywhere
     try:
         fmt = detect_format(path)

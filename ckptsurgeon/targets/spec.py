@@ -19,7 +19,7 @@ from torch import nn
 
 from ckptsurgeon.errors import FitError, InputError, UsageError
 from ckptsurgeon.formats.table import TensorRef, dtype_name, parse_dtype
-from ckptsurgeon.paths import resolve
+from ckptsurgeon.paths import is_hf, resolve
 from ckptsurgeon.targets.config import TargetSpec
 from ckptsurgeon.targets.initialize import KEEP_FRESH_BYTES
 from ckptsurgeon.targets.models import build_meta_model
@@ -110,9 +110,7 @@ def resolve_target(spec: TargetSpec, base_dir: str | None = None) -> TargetInfo:
     if spec.checkpoint:
         from ckptsurgeon.formats.reader import open_checkpoint
 
-        ckpt = open_checkpoint(
-            resolve(spec.checkpoint, base_dir), spec.key, spec.allow_globals
-        )
+        ckpt = open_checkpoint(resolve(spec.checkpoint, base_dir), spec.key, spec.allow_globals)
         return TargetInfo(
             f"checkpoint {spec.checkpoint}",
             {n: (r.shape, r.dtype) for n, r in ckpt.tensors.items()},
@@ -144,6 +142,8 @@ def target_spec_from_cli(
             raise UsageError(f"--kwargs: not JSON: {exc}") from None
         if not isinstance(kwargs, dict):
             raise UsageError("--kwargs: must be a JSON object")
+    if is_hf(spec):  # a model in the Hugging Face cache: its weights are the reference
+        return TargetSpec(checkpoint=spec, allow_globals=list(allow_globals))
     if os.path.exists(os.path.expanduser(spec)):
         if spec.endswith(".json") and not spec.endswith(".index.json"):
             return TargetSpec(manifest=spec)
