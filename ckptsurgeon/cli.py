@@ -137,6 +137,9 @@ def cli(debug: bool) -> None:
     is_flag=True,
     help="Recompute recorded checksums (sha256, zip CRC-32); exit 3 naming what is corrupt.",
 )
+@click.option(
+    "--all", "show_all", is_flag=True, help="List every tensor (default: folded past 40)."
+)
 @source_options
 @handle_errors
 def inspect(
@@ -144,6 +147,7 @@ def inspect(
     as_json: bool,
     pattern: str | None,
     verify: bool,
+    show_all: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
@@ -163,7 +167,7 @@ def inspect(
     if as_json:
         _print_json(summary)
     else:
-        report.render(summary, _console())
+        report.render(summary, _console(), show_all=show_all)
         for line in integrity.verify_lines(verdicts):
             click.echo(line)
 
@@ -231,6 +235,9 @@ def convert(
 @click.option("--report", "report_path", default=None, help="Also write the JSON report here.")
 @click.option("--no-finetune", is_flag=True, help="Skip the finetune: section, if any.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no plan table.")
+@click.option(
+    "--verbose", is_flag=True, help="List every key in the plan (default: layer indices folded)."
+)
 @click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
 @source_options
 @handle_errors
@@ -243,6 +250,7 @@ def apply(
     report_path: str | None,
     no_finetune: bool,
     quiet: bool,
+    verbose: bool,
     no_fsync: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
@@ -273,7 +281,7 @@ def apply(
             _emit_report(exc.report.to_dict(), as_json, report_path, show=False)
             raise
     if not as_json and not quiet:
-        plan_report.render(report, _console())
+        plan_report.render(report, _console(), verbose=verbose)
     if report.written is not None and job.document.finetune is not None and not no_finetune:
         report.finetune = job.finetune(
             weights=report.written.path, read=ReadOptions(), log=_log_for(as_json)

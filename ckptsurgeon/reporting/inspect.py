@@ -11,6 +11,7 @@ from rich.tree import Tree
 
 from ckptsurgeon.formats.reader import Checkpoint
 from ckptsurgeon.formats.table import dtype_name
+from ckptsurgeon.reporting.fold import fold_rows
 from ckptsurgeon.reporting.text import columns, human_bytes, human_count
 
 
@@ -49,19 +50,56 @@ def prefix_tree(names_sizes: dict[str, tuple[int, int]], depth: int = 2) -> dict
     return dict(groups)
 
 
-def render(summary: dict[str, Any], console: Console) -> None:
-    """Print the human form of a :func:`summarize` object."""
+#: ``inspect`` lists every tensor up to this many; past it, rows are folded by layer index.
+SCREENFUL = 40
+
+
+def render(summary: dict[str, Any], console: Console, show_all: bool = False) -> None:
+    """Print the human form of a :func:`summarize` object.
+
+    Up to :data:`SCREENFUL` tensors (or with ``show_all``, ``inspect --all``) every name gets
+    a line; past that, names that differ only in a layer index with the same shape and dtype
+    share one (:func:`~ckptsurgeon.reporting.fold.fold_rows`), with their count and bytes.
+    """
     tensors = summary["tensors"]
     console.print(f"[bold]{summary['path']}[/]  format: {summary['format']}")
     if [c for c in summary["containers"] if c]:
         console.print(f"containers: {', '.join(repr(c) for c in summary['containers'])}")
     if summary["note"]:
         console.print(f"state dict: {summary['note']}")
-    rows = [
-        (name, str(tuple(i["shape"])), i["dtype"], human_bytes(i["bytes"]))
-        for name, i in tensors.items()
-    ]
-    console.print(columns(rows), markup=False, highlight=False)
+    if show_all or len(tensors) <= SCREENFUL:
+        rows = [
+            (name, str(tuple(i["shape"])), i["dtype"], human_bytes(i["bytes"]))
+            for name, i in tensors.items()
+        ]
+        console.print(columns(rows), markup=False, highlight=False)
+    else:
+        folded = fold_rows(
+            tensors.items(),
+            name=lambda t: t[0],
+            key=lambda t: (tuple(t[1]["shape"]), t[1]["dtype"]),
+        )
+        rows = []
+        for row in folded:
+            info = row.members[0][1]
+            total = sum(i["bytes"] for _, i in row.members)
+            rows.append(
+                (
+                    row.name,
+                    str(tuple(info["shape"])),
+                    info["dtype"],
+                    f"x{row.count}" if row.count > 1 else "",
+                    human_bytes(total),
+                )
+            )
+        console.print(columns(rows), markup=False, highlight=False)
+        if len(folded) < len(tensors):
+            console.print(
+                f"({len(tensors)} tensors in {len(folded)} rows, layer indices folded, "
+                "bytes per row; --all lists every name)",
+                markup=False,
+                highlight=False,
+            )
     by_dtype: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for info in tensors.values():
         by_dtype[info["dtype"]][0] += 1

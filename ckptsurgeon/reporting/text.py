@@ -19,11 +19,14 @@ def human_count(n: int) -> str:
 
 
 def columns(rows: list[tuple[str, ...]]) -> str:
-    """Rows as left-aligned text columns (never wrapped, so they stay greppable)."""
+    """Rows as left-aligned text columns (never wrapped, so they stay greppable; no line
+    ends in spaces)."""
     if not rows:
         return ""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        (
+            "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        ).rstrip()
         for r in rows
-    ).rstrip()
+    )
