@@ -239,6 +239,11 @@ def convert(
     "--verbose", is_flag=True, help="List every key in the plan (default: layer indices folded)."
 )
 @click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
+@click.option(
+    "--skip-up-to-date",
+    is_flag=True,
+    help="Do nothing when the output was made by this version from the same inputs and rules.",
+)
 @source_options
 @handle_errors
 def apply(
@@ -252,6 +257,7 @@ def apply(
     quiet: bool,
     verbose: bool,
     no_fsync: bool,
+    skip_up_to_date: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
@@ -261,6 +267,12 @@ def apply(
     job = Job.from_file(
         rules_file, source=source, output=output, read=ReadOptions(key, allow_globals)
     )
+    if skip_up_to_date and not dry_run and job.up_to_date():  # headers and stat: no torch
+        done = {"output": job.output_path, "up_to_date": True}
+        if not (as_json or quiet):
+            click.echo(f"up to date: {job.output_path} was made from the same inputs and rules")
+        _emit_report(done, as_json, report_path, show=as_json)
+        return
     with _hashing_ahead(None if dry_run else job.source_path) as prehashed:
         from ckptsurgeon.engine.plan import PlanFailed
         from ckptsurgeon.engine.verify import VerifyFailed
@@ -276,6 +288,8 @@ def apply(
                     write=WriteOptions(progress, not no_fsync, prehashed),
                     report_path=report_path,
                 )
+            if skip_up_to_date:
+                report.up_to_date = False
         except (PlanFailed, VerifyFailed) as exc:
             # --json prints the report with the error (handle_errors); --report gets it too.
             _emit_report(exc.report.to_dict(), as_json, report_path, show=False)
@@ -297,9 +311,10 @@ def _hashing_ahead(source: str | None) -> Iterator[SourceDigests | None]:
     idle and copies later need not hash (see :mod:`ckptsurgeon.formats.prehash`). Yields
     None when there is nothing to hash.
     """
+    from ckptsurgeon.formats.hub import local_path
     from ckptsurgeon.formats.prehash import SourceDigests
 
-    digests = SourceDigests.start(source) if source is not None else None
+    digests = SourceDigests.start(local_path(source)) if source is not None else None
     try:
         yield digests
     finally:
@@ -398,6 +413,7 @@ def diff(
     """
     from ckptsurgeon.errors import InputError, UsageError
     from ckptsurgeon.formats import open_checkpoint
+    from ckptsurgeon.paths import is_hf
     from ckptsurgeon.rules.config import SourceSpec
     from ckptsurgeon.suggest import absolute_target, compare, render_rules
     from ckptsurgeon.targets.spec import resolve_target, target_spec_from_cli
@@ -419,7 +435,9 @@ def diff(
     verified = None
     if suggest:
         source = SourceSpec(
-            path=os.path.abspath(a), key=ckpt.container, allow_globals=list(allow_globals)
+            path=a if is_hf(a) else os.path.abspath(a),
+            key=ckpt.container,
+            allow_globals=list(allow_globals),
         )
         section = None
         if verify_with and report.reconciled:

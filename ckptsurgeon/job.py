@@ -154,10 +154,10 @@ class Job:
         from ckptsurgeon.engine.uptodate import make_record
 
         source = self.source_spec()
+        # Not the output path: the same inputs make the same bytes wherever they go.
         document = {
             "document": self.document.model_dump(mode="json"),
             "source": source.model_dump(mode="json"),
-            "output": self.output_path,
         }
         files = [source.path, *self._target_files(), *self._code_inputs()]
         files = [local_path(f) for f in files]  # hf:// names: their cache snapshots

@@ -92,6 +92,7 @@ class ApplyReport:
     seconds: dict[str, float] | None = None
     verify: VerifyResult | None = None
     finetune: dict[str, Any] | None = None
+    up_to_date: bool | None = None  # asked with --skip-up-to-date: was it (then no plan)?
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -113,4 +114,6 @@ class ApplyReport:
             out["verify"] = self.verify.to_dict()
         if self.finetune is not None:
             out["finetune"] = self.finetune
+        if self.up_to_date is not None:
+            out["up_to_date"] = self.up_to_date
         return out

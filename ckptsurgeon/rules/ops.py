@@ -241,7 +241,7 @@ class TensorOp(Op):
                     ref = self.transform(name, ref, ctx)
                 except FitError:
                     raise
-                except (RuntimeError, ValueError, IndexError, OverflowError) as exc:
+                except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
                     raise FitError(f"{ctx.where}: {name!r} {list(ref.shape)}: {exc}") from None
             out[name] = ref
         return out, matched
