@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Iterator
 
 from ckptsurgeon.errors import UsageError
-from ckptsurgeon.formats.hf_folder import is_output_file
+from ckptsurgeon.formats.hf_folder import is_output_file, is_weight_file, written_by_ckptsurgeon
 from ckptsurgeon.paths import within
 
 TMP_MARK = ".ckptsurgeon-tmp-"
@@ -129,11 +129,15 @@ def _remove(path: str) -> None:
 def check_replaceable(final: str, *, is_dir: bool) -> None:
     """UsageError unless writing to ``final`` replaces nothing but an earlier output of the
     same kind: a folder output swaps the whole folder, so a folder holding anything else
-    (a model's config.json, a tokenizer, notes) is refused rather than lost."""
+    (notes, or a model's config.json and tokenizer that ckptsurgeon did not write beside
+    its weights) is refused rather than lost."""
     if os.path.isdir(final):
         if not is_dir:
             raise UsageError(f"output {final} is an existing folder; give a file path")
-        others = sorted(n for n in os.listdir(final) if not is_output_file(n))
+        ours = written_by_ckptsurgeon(final)
+        others = sorted(
+            n for n in os.listdir(final) if not (is_weight_file(n) or (ours and is_output_file(n)))
+        )
         if others:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise UsageError(

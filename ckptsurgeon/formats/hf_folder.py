@@ -9,12 +9,13 @@ folder source (``output.copy_extras``), and a transformers target writes its own
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from typing import Any
 
-from ckptsurgeon.errors import InputError
+from ckptsurgeon.errors import CkptSurgeonError, InputError
 from ckptsurgeon.paths import within
 
 SHARD_INDEX = "model.safetensors.index.json"
@@ -32,9 +33,31 @@ WEIGHT_FILES = re.compile(
 )
 
 
+def is_weight_file(name: str) -> bool:
+    """Is this one of the weight files (or the index) a folder output writes?"""
+    return bool(WEIGHT_FILES.fullmatch(name))
+
+
 def is_output_file(name: str) -> bool:
-    """May a folder output replace a file of this name (one an earlier output wrote)?"""
+    """Is this a file a folder output writes (weights, or extras carried along)?"""
     return bool(WEIGHT_FILES.fullmatch(name) or EXTRA_FILES.fullmatch(name))
+
+
+def written_by_ckptsurgeon(folder: str) -> bool:
+    """Do the folder's weights record ckptsurgeon as their producer (an earlier output,
+    whose extras it wrote too)? Reads one header; False for anything unreadable."""
+    from ckptsurgeon.formats.safetensors_header import read_header
+
+    index = os.path.join(folder, SHARD_INDEX)
+    try:
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                metadata = json.load(f).get("metadata") or {}
+        else:
+            metadata = read_header(os.path.join(folder, "model.safetensors")).metadata
+        return str(metadata.get("producer", "")).startswith("ckptsurgeon ")
+    except (OSError, ValueError, AttributeError, CkptSurgeonError):
+        return False
 
 
 def _allowed_roots(folder: str) -> list[str]:
