@@ -159,3 +159,36 @@ def test_resize_vocabulary(tmp_path: Path, run_cli) -> None:
     ids = torch.randint(0, 512, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, old(ids).last_hidden_state)
+
+
+def test_minilm_from_the_hf_cache_into_a_classifier_folder(tmp_path: Path, run_cli) -> None:
+    """rules/minilm_to_classifier.yaml: hf:// -> rules -> folder -> from_pretrained, with the
+    encoder computing what the source computed."""
+    import os
+    import subprocess
+    import sys
+
+    import make_hf_cache
+    import transformers
+
+    make_hf_cache.make_cache(tmp_path / "cache")
+    out = tmp_path / "classifier"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptsurgeon", "apply", str(RULES / "minilm_to_classifier.yaml"),
+         "--output", str(out), "-q"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        out, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    source = transformers.BertModel.from_pretrained(make_hf_cache.make_cache(tmp_path / "c2"))
+    batch = tokenizer(["checkpoint surgery", "offline"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval().bert(**batch).last_hidden_state, source.eval()(**batch).last_hidden_state
+        )
+    assert model.config.num_labels == 2
