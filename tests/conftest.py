@@ -12,6 +12,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# A BERT small enough for a test to build, save and run in well under a second.
+TINY_BERT = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
 
 
 @pytest.fixture

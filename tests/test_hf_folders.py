@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_clean_failure
+from conftest import TINY_BERT, assert_clean_failure
 
 transformers = pytest.importorskip("transformers")
 
-BERT = {
-    "vocab_size": 100,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 32,
-}
+BERT = TINY_BERT
 TOKENIZER_FILES = {
     "vocab.txt": "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\n",
     "tokenizer_config.json": json.dumps({"do_lower_case": True}),

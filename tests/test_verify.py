@@ -14,21 +14,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import REPO, assert_clean_failure
+from conftest import REPO, TINY_BERT, assert_clean_failure
 from safetensors.torch import load_file, save_file
 
 import ckptsurgeon
 
 transformers = pytest.importorskip("transformers")
 
-BERT = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "vocab_size": 100,
-    "max_position_embeddings": 32,
-}
+BERT = TINY_BERT
 BERT_INPUTS = [{"name": "input_ids", "shape": [2, 8], "dtype": "int64", "high": 100}]
 
 
