@@ -152,15 +152,23 @@ def inspect(
     allow_globals: tuple[str, ...],
 ) -> None:
     """Tensors, shapes, dtypes, bytes and a prefix tree of a checkpoint."""
-    from ckptsurgeon.formats import integrity, open_checkpoint
+    from ckptsurgeon.formats.header_table import open_header_checkpoint
     from ckptsurgeon.reporting import inspect as report
     from ckptsurgeon.rules.patterns import compile_pattern
 
     if pattern:
         compile_pattern(pattern, "--filter")
-    ckpt = open_checkpoint(path, key, allow_globals)
-    verdicts = integrity.verify_checkpoint(ckpt) if verify else []
-    integrity.raise_if_corrupt(verdicts)
+    # safetensors are summarised from their headers, without importing torch (seconds and
+    # hundreds of MiB); anything else, or --verify, --key, --allow-global, is opened with
+    # torch (so with --verify, integrity and verdicts are always bound below).
+    plain = not verify and key is None and not allow_globals
+    ckpt = open_header_checkpoint(path) if plain else None
+    if ckpt is None:
+        from ckptsurgeon.formats import integrity, open_checkpoint
+
+        ckpt = open_checkpoint(path, key, allow_globals)
+        verdicts = integrity.verify_checkpoint(ckpt) if verify else []
+        integrity.raise_if_corrupt(verdicts)
     summary = report.summarize(ckpt, pattern)
     if verify:
         summary["verify"] = integrity.verify_report(verdicts)
@@ -168,8 +176,9 @@ def inspect(
         _print_json(summary)
     else:
         report.render(summary, _console(), show_all=show_all)
-        for line in integrity.verify_lines(verdicts):
-            click.echo(line)
+        if verify:
+            for line in integrity.verify_lines(verdicts):
+                click.echo(line)
 
 
 @cli.command()

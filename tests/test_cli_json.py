@@ -85,8 +85,9 @@ def test_an_internal_error_is_exit_70_asking_for_a_report(monkeypatch, project: 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
+    torch.save({"w": torch.ones(1)}, project / "t.pt")  # read through open_checkpoint
     monkeypatch.setattr(ckptsurgeon.formats, "open_checkpoint", broken)
-    result = CliRunner().invoke(cli, ["inspect", str(project / "a.safetensors"), "--json"])
+    result = CliRunner().invoke(cli, ["inspect", str(project / "t.pt"), "--json"])
     assert result.exit_code == 70
     assert "this is a bug in ckptsurgeon" in result.stderr
     assert json.loads(result.stdout)["error"] == {

@@ -1,7 +1,8 @@
 """Checkpoint formats: read every supported layout as a lazy table, write it back atomically.
 
 The names below are imported on first use, so that the torch-free parts of this package
-(:mod:`~ckptsurgeon.formats.safetensors_header`, :mod:`~ckptsurgeon.formats.prehash`) load
+(:mod:`~ckptsurgeon.formats.safetensors_header`, :mod:`~ckptsurgeon.formats.prehash`,
+:mod:`~ckptsurgeon.formats.checkpoint`, :mod:`~ckptsurgeon.formats.header_table`) load
 without torch.
 """
 
@@ -11,13 +12,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ckptsurgeon.formats.reader import Checkpoint, detect_format, open_checkpoint
+    from ckptsurgeon.formats.checkpoint import Checkpoint, detect_format
+    from ckptsurgeon.formats.reader import open_checkpoint
     from ckptsurgeon.formats.table import Table, TensorRef
     from ckptsurgeon.formats.writer import WriteResult, write_checkpoint
 
 _HOMES = {
-    "Checkpoint": "reader",
-    "detect_format": "reader",
+    "Checkpoint": "checkpoint",
+    "detect_format": "checkpoint",
     "open_checkpoint": "reader",
     "Table": "table",
     "TensorRef": "table",

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 
 from ckptsurgeon.errors import InputError, UnsafeInputError
+from ckptsurgeon.formats.checkpoint import (  # noqa: F401 (is_dcp_folder re-exported)
+    DCP_METADATA_FILE,
+    is_dcp_folder,
+)
 from ckptsurgeon.formats.index import check_relative_name
 from ckptsurgeon.formats.table import Table, TensorRef
-
-METADATA_FILE = ".metadata"
 
 # Exactly the classes DCP metadata pickles reference; anything else is refused. Names are
 # checked literally (no dotted paths, which pickle would otherwise follow attribute by
@@ -44,13 +46,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafeInputError(f"DCP metadata needs {module}.{name}, which is not admitted")
 
 
-def is_dcp_folder(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA_FILE))
-
-
 def open_dcp(folder: str) -> Table:
     """A lazy table over a DCP folder: every tensor entry, chunks stitched on load."""
-    meta_path = os.path.join(folder, METADATA_FILE)
+    meta_path = os.path.join(folder, DCP_METADATA_FILE)
     try:
         with open(meta_path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()

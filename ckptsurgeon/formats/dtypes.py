@@ -21,3 +21,8 @@ def canonical_dtype(name: str) -> str:
     unknown name comes back lower-cased, for the caller to judge."""
     key = name.removeprefix("torch.").lower()
     return DTYPE_ALIASES.get(key, key)
+
+
+def dtype_name(dtype: object) -> str:
+    """``torch.float32`` -> ``"float32"``; a name already (``"float32"``) stays as it is."""
+    return str(dtype).removeprefix("torch.")

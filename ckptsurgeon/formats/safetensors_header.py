@@ -27,6 +27,14 @@ DTYPE_BITS: dict[str, int] = {
     "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }  # fmt: skip
 
+# safetensors dtype name -> torch's name for that dtype (torch has no 4- or 6-bit floats).
+TORCH_DTYPE_NAMES: dict[str, str] = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu", "I16": "int16",
+    "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32",
+    "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64", "C64": "complex64",
+}  # fmt: skip
+
 
 FileId = tuple[int, int, int, int]  # device, inode, size, mtime_ns
 

@@ -26,6 +26,7 @@ from ckptsurgeon.formats.safetensors_header import (  # noqa: F401 (re-exported)
     DTYPE_BITS,
     MAX_HEADER_BYTES,
     METADATA_KEY,
+    TORCH_DTYPE_NAMES,
     Header,
     read_header,
 )
@@ -39,17 +40,10 @@ TENSOR_DIGESTS_KEY = "ckptsurgeon.tensor_sha256"
 _DIGEST_DOMAIN = b"ckptsurgeon.sha256/v1\n"
 CHUNK = 16 << 20
 
-_TORCH_DTYPES: dict[str, str] = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2",
-    "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu", "I16": "int16",
-    "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32",
-    "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64", "C64": "complex64",
-}  # fmt: skip
-
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
     """The torch dtype for a safetensors dtype name; InputError if torch has none."""
-    name = _TORCH_DTYPES.get(st_dtype)
+    name = TORCH_DTYPE_NAMES.get(st_dtype)
     dtype = getattr(torch, name, None) if name else None
     if not isinstance(dtype, torch.dtype):
         raise InputError(f"dtype {st_dtype} is valid safetensors but this torch cannot hold it")
@@ -59,7 +53,7 @@ def torch_dtype(st_dtype: str) -> torch.dtype:
 def st_dtype(dtype: torch.dtype) -> str:
     """The safetensors dtype name for a torch dtype."""
     name = str(dtype).removeprefix("torch.")
-    for key, value in _TORCH_DTYPES.items():
+    for key, value in TORCH_DTYPE_NAMES.items():
         if value == name:
             return key
     raise UsageError(f"dtype {name} cannot be stored in safetensors; write a .pt output")

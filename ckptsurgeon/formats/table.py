@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ckptsurgeon.formats.actions import Action
-from ckptsurgeon.formats.dtypes import canonical_dtype
+from ckptsurgeon.formats.dtypes import canonical_dtype, dtype_name
 from ckptsurgeon.formats.spans import ByteSpan, CastSpan
 
 
@@ -154,11 +154,6 @@ def from_tensor(tensor: torch.Tensor, source: str, action: Action | None = None)
 
 def dtype_itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype, device="meta").element_size()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(dtype).removeprefix("torch.")
 
 
 Table = dict[str, TensorRef]

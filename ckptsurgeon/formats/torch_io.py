@@ -20,12 +20,13 @@ import torch
 
 from ckptsurgeon import _torchcheck
 from ckptsurgeon.errors import InputError, UnsafeInputError, UsageError
+from ckptsurgeon.formats.checkpoint import (  # noqa: F401 (suffixes re-exported)
+    CONTAINER_PREFERENCE,
+    TORCH_OUTPUT_SUFFIXES,
+    TORCH_SUFFIXES,
+)
 
 # Modules whose classes can run code or reach the system; never admitted, even when named.
-# Suffixes that name torch pickles: the ones ckptsurgeon writes, and those it also reads.
-TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-TORCH_SUFFIXES = (*TORCH_OUTPUT_SUFFIXES, ".tar", ".pkl")
-
 BLOCKED_MODULES = frozenset({
     "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "shutil",
     "importlib", "pickle", "_pickle", "copyreg", "marshal", "types", "socket", "ctypes",
@@ -302,14 +303,6 @@ def _refuse_unsafe_globals(path: str, allowed: list[tuple[Any, str]]) -> None:
     refused = [n for n in names if n not in admitted]
     if refused:
         raise _unsafe(path, refused)
-
-
-# Containers a state dict is found under, most specific first (timm, Lightning, mmengine,
-# and hand-written training loops); EMA copies last, so "the" weights win by default.
-CONTAINER_PREFERENCE = (
-    "state_dict", "model", "module", "model_state_dict", "net", "network", "params",
-    "state_dict_ema", "model_ema", "ema",
-)  # fmt: skip
 
 
 def find_containers(obj: Any, path: str = "", depth: int = 0) -> dict[str, Mapping]:

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.tree import Tree
-
-from ckptsurgeon.formats.reader import Checkpoint
-from ckptsurgeon.formats.table import dtype_name
+from ckptsurgeon.formats.dtypes import dtype_name
 from ckptsurgeon.reporting.fold import fold_rows
 from ckptsurgeon.reporting.text import columns, human_bytes, human_count
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ckptsurgeon.formats.checkpoint import Checkpoint
+
 
 def summarize(ckpt: Checkpoint, pattern: str | None = None) -> dict[str, Any]:
-    """The ``inspect --json`` object (also a valid ``target.manifest``)."""
+    """The ``inspect --json`` object (also a valid ``target.manifest``).
+
+    Torch-free: ``ckpt`` may hold lazy tensor refs or safetensors header records
+    (:class:`~ckptsurgeon.formats.header_table.HeaderTensor`), as both have ``shape``,
+    ``dtype``, ``numel`` and ``nbytes``."""
     regex = re.compile(pattern) if pattern else None
     tensors = {
         name: {"shape": list(ref.shape), "dtype": dtype_name(ref.dtype), "bytes": ref.nbytes}
@@ -61,6 +66,8 @@ def render(summary: dict[str, Any], console: Console, show_all: bool = False) ->
     a line; past that, names that differ only in a layer index with the same shape and dtype
     share one (:func:`~ckptsurgeon.reporting.fold.fold_rows`), with their count and bytes.
     """
+    from rich.tree import Tree
+
     tensors = summary["tensors"]
     console.print(f"[bold]{summary['path']}[/]  format: {summary['format']}")
     if [c for c in summary["containers"] if c]:
