@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -471,3 +472,44 @@ def test_training_state_load_refuses_a_pickled_object(tmp_path: Path) -> None:
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: only weights_only stopped it
     assert marker.is_dir()
+
+
+def test_a_phase_unfreezes_part_of_the_backbone(data: Path) -> None:
+    """The guide's first recipe: train the head, then unfreeze the top of the backbone and
+    train it with the head; the rest (and its BatchNorm statistics) stays as it was."""
+    torch.manual_seed(0)
+    model = digits_cnn(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = spec(
+        data,
+        phases=[
+            {"epochs": 1, "frozen": True, "lr": 0.05},
+            {"epochs": 1, "frozen": True, "unfreeze": ["features.3", r"features\.4\."],
+             "lr": 0.01, "backbone_lr_scale": 0.1},
+        ],
+    )  # fmt: skip
+    run_finetune(s, model, base_dir=str(data), log=quiet)
+    after = model.state_dict()
+    for key in ("features.0.weight", "features.1.weight", "features.1.running_mean"):
+        assert torch.equal(after[key], before[key]), key  # still frozen, BN in eval
+    for key in ("features.3.weight", "features.4.weight", "features.4.running_mean", "fc.weight"):
+        assert not torch.equal(after[key], before[key]), key  # trained in phase 2
+    lines = [json.loads(x) for x in (data / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["trainable_params"] > lines[0]["trainable_params"]
+
+
+@pytest.mark.parametrize(
+    ("unfreeze", "frozen", "needle"),
+    [
+        (["nope"], True, "names no module and matches no parameter"),
+        (["fc"], True, "outside the frozen backbone"),
+        (["features.3"], False, "unfreeze goes with frozen: true"),
+        (["("], True, "invalid regular expression"),
+    ],
+)
+def test_bad_unfreeze_is_one_clear_error(data: Path, unfreeze, frozen, needle) -> None:
+    from ckptsurgeon.errors import UsageError
+
+    phases = [{"epochs": 1, "frozen": frozen, "unfreeze": unfreeze, "lr": 0.01}]
+    with pytest.raises((UsageError, ValueError), match=re.escape(needle)):
+        run_finetune(spec(data, phases=phases), digits_cnn(2), base_dir=str(data), log=quiet)

@@ -50,6 +50,35 @@ def backbone_names(model: nn.Module, spec: FreezeSpec) -> set[str]:
     return {n for n in selected if not any(r.search(n) for r in excepts)}
 
 
+def unfrozen_names(
+    model: nn.Module, backbone: set[str], selectors: list[str], where: str
+) -> set[str]:
+    """The backbone parameters a phase's ``unfreeze`` selects: everything under a module
+    path, or every parameter name a regex matches. UsageError for a selector that selects
+    nothing, or anything outside the backbone (that trains in every phase anyway)."""
+    names = [n for n, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for selector in selectors:
+        try:
+            model.get_submodule(selector)
+            found = {n for n in names if _under(n, selector)}
+        except AttributeError:
+            found = {n for n in names if re.search(selector, n)}
+        if not found:
+            raise UsageError(
+                f"{where}: unfreeze {selector!r} names no module and matches no parameter"
+            )
+        outside = sorted(found - backbone)
+        if outside:
+            raise UsageError(
+                f"{where}: unfreeze {selector!r} reaches outside the frozen backbone "
+                f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}), which "
+                "trains anyway"
+            )
+        chosen |= found
+    return chosen
+
+
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 

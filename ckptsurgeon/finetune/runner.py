@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.finetune import features
 from ckptsurgeon.finetune.data import build_dataset, is_deterministic
-from ckptsurgeon.finetune.freeze import backbone_names, set_frozen
+from ckptsurgeon.finetune.freeze import backbone_names, set_frozen, unfrozen_names
 from ckptsurgeon.finetune.outputs import model_output, to_device
 from ckptsurgeon.finetune.state import STATE_FILE, History, TrainingState
 from ckptsurgeon.rules.finetune import FinetuneSpec, PhaseSpec
@@ -417,7 +417,10 @@ def setup_phase(run: Run, index: int) -> PhaseRun:
     the last phase would miss the parameters this one unfreezes."""
     spec, rt, model = run.spec, run.rt, run.model
     phase = spec.phases[index]
-    locked = set_frozen(model, run.backbone, phase.frozen, spec.freeze.train_bn)
+    where = f"finetune.phases[{index}]"
+    unfrozen = unfrozen_names(model, run.backbone, phase.unfreeze, where)
+    # What stays frozen shrinks; the unfrozen part keeps the backbone's LR scale below.
+    locked = set_frozen(model, run.backbone - unfrozen, phase.frozen, spec.freeze.train_bn)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise UsageError(f"phase {index + 1}: nothing is trainable (freeze selects everything)")

@@ -65,10 +65,23 @@ class FreezeSpec(Strict):
 class PhaseSpec(Strict):
     epochs: int = Field(gt=0)
     frozen: bool = True
+    unfreeze: list[Pattern] = Field(
+        default_factory=list,
+        description="module paths or regexes over parameter names: this part of the frozen "
+        "backbone trains in this phase (with backbone_lr_scale), the rest stays frozen",
+    )
     lr: float = Field(gt=0)
     backbone_lr_scale: float = Field(1.0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unfreeze_needs_frozen(self) -> PhaseSpec:
+        if self.unfreeze and not self.frozen:
+            raise ValueError(
+                "unfreeze goes with frozen: true (frozen: false already trains the whole backbone)"
+            )
+        return self
 
 
 class OptimizerSpec(Strict):
