@@ -513,3 +513,61 @@ def test_bad_unfreeze_is_one_clear_error(data: Path, unfreeze, frozen, needle) -
     phases = [{"epochs": 1, "frozen": frozen, "unfreeze": unfreeze, "lr": 0.01}]
     with pytest.raises((UsageError, ValueError), match=re.escape(needle)):
         run_finetune(spec(data, phases=phases), digits_cnn(2), base_dir=str(data), log=quiet)
+
+
+def test_layer_decay_blocks_follow_the_model_stack_or_its_children() -> None:
+    """timm's layer-wise LR decay: one factor per block between a parameter and the head."""
+    import torchvision
+    import transformers
+
+    from ckptsurgeon.finetune.freeze import block_of
+
+    bert = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+            intermediate_size=32, num_labels=2, max_position_embeddings=16,
+        )
+    )  # fmt: skip
+    blocks = block_of(bert)
+    assert blocks["bert.embeddings.word_embeddings.weight"] == 0
+    assert blocks["bert.encoder.layer.0.attention.self.query.weight"] == 1
+    assert blocks["bert.encoder.layer.3.output.dense.weight"] == 4
+    assert blocks["bert.pooler.dense.weight"] == blocks["classifier.weight"] == 5
+
+    resnet = torchvision.models.resnet18(num_classes=3)
+    backbone = {n for n, _ in resnet.named_parameters() if not n.startswith("fc.")}
+    phase = PhaseSpec(epochs=1, frozen=False, lr=1.0, backbone_lr_scale=0.1, layer_decay=0.5)
+    lrs = {g["name"]: g["lr"] for g in param_groups(resnet, backbone, phase, 0.0, False)}
+    # children with weights: conv1, bn1, layer1..layer4, fc -> layer4 is 1 block below fc
+    assert lrs["head.decay"] == 1.0
+    assert lrs["backbone.decay.depth01"] == pytest.approx(0.1 * 0.5)  # layer4
+    assert lrs["backbone.decay.depth06"] == pytest.approx(0.1 * 0.5**6)  # conv1
+    groups = param_groups(resnet, backbone, phase, 0.0, False)
+    layer4 = {id(p) for p in resnet.layer4.parameters() if p.ndim > 1}
+    assert {
+        id(p) for g in groups if g["name"] == "backbone.decay.depth01" for p in g["params"]
+    } == layer4
+
+
+def test_layer_decay_lrs_are_in_each_phases_first_metrics_line(data: Path) -> None:
+    s = spec(
+        data,
+        phases=[
+            {"epochs": 1, "frozen": True, "lr": 0.05},
+            {"epochs": 2, "frozen": False, "lr": 0.01, "backbone_lr_scale": 0.5,
+             "layer_decay": 0.5},
+        ],
+    )  # fmt: skip
+    run_finetune(s, digits_cnn(2), base_dir=str(data), log=quiet)
+    lines = [json.loads(x) for x in (data / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "group_lrs" in lines[0] and "group_lrs" in lines[1] and "group_lrs" not in lines[2]
+    assert lines[1]["group_lrs"]["head.decay"] == pytest.approx(0.01)
+    # digits_cnn's stack is its 8-entry features Sequential; fc comes after it (block 9), so
+    # features.3 (block 4) is 5 blocks below the head
+    assert lines[1]["group_lrs"]["backbone.decay.depth05"] == pytest.approx(0.01 * 0.5 * 0.5**5)
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.1])
+def test_layer_decay_outside_zero_one_is_refused(value: float) -> None:
+    with pytest.raises(ValueError, match="layer_decay"):
+        PhaseSpec(epochs=1, frozen=False, lr=0.1, layer_decay=value)

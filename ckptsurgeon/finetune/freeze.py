@@ -103,3 +103,53 @@ def set_frozen(model: nn.Module, backbone: set[str], frozen: bool, train_bn: boo
             module.eval()
             locked.append(name)
     return locked
+
+
+# An indexed container (ModuleList/Sequential) is the model's block stack when it has at
+# least this many entries and holds at least half the parameters (transformer layers).
+MIN_STACK = 4
+
+
+def block_of(model: nn.Module) -> dict[str, int]:
+    """Each parameter's block, counted from the input, for layer-wise LR decay.
+
+    The blocks are the entries of the model's main stack, an ``nn.ModuleList`` or
+    ``nn.Sequential`` with at least four entries holding at least half the parameters
+    (a transformer's layers): what comes before it is block 0 (embeddings), entry ``i`` is
+    block ``i + 1``, what comes after it is the last block (final norm, pooler, head).
+    Without such a stack, the blocks are the model's top-level children in order (a
+    ResNet: conv1, bn1, layer1 ... layer4, fc); parameters of the model itself join the
+    block of the child that follows them."""
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    stacks = [
+        (sum(p.numel() for p in m.parameters()), name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= MIN_STACK
+    ]
+    big = max(stacks, key=lambda s: s[0], default=None)
+    if big is not None and 2 * big[0] >= total:
+        _, stack, module = big
+        entries = [f"{stack}.{c}" if stack else c for c, _ in module.named_children()]
+        out, after = {}, False
+        for name in params:
+            inside = next((i for i, e in enumerate(entries) if _under(name, e)), None)
+            if inside is not None:
+                out[name], after = inside + 1, True
+            else:
+                out[name] = len(entries) + 1 if after else 0
+        return out
+    children = [c for c, m in model.named_children() if any(True for _ in m.parameters())]
+    out = {}
+    for name in params:
+        found = next((i for i, c in enumerate(children) if _under(name, c)), None)
+        out[name] = found if found is not None else 0
+    return out
+
+
+def blocks_from_head(model: nn.Module) -> dict[str, int]:
+    """For each parameter, how many blocks lie between its block and the last one (0 for
+    the last block): the power of ``layer_decay`` its learning rate gets."""
+    blocks = block_of(model)
+    last = max(blocks.values(), default=0)
+    return {name: last - block for name, block in blocks.items()}

@@ -36,7 +36,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.finetune import features
 from ckptsurgeon.finetune.data import build_dataset, is_deterministic
-from ckptsurgeon.finetune.freeze import backbone_names, set_frozen, unfrozen_names
+from ckptsurgeon.finetune.freeze import (
+    backbone_names,
+    blocks_from_head,
+    set_frozen,
+    unfrozen_names,
+)
 from ckptsurgeon.finetune.outputs import model_output, to_device
 from ckptsurgeon.finetune.state import STATE_FILE, History, TrainingState
 from ckptsurgeon.rules.finetune import FinetuneSpec, PhaseSpec
@@ -94,23 +99,33 @@ def make_runtime(spec: FinetuneSpec) -> Runtime:
 def param_groups(
     model: nn.Module, backbone: set[str], phase: PhaseSpec, weight_decay: float, decay_all: bool
 ) -> list[dict[str, Any]]:
-    """Named groups: head/backbone x decay/no_decay (no decay on biases and norm weights)."""
-    groups: dict[str, list[nn.Parameter]] = {}
+    """Named groups: head/backbone x decay/no_decay (no decay on biases and norm weights);
+    with ``layer_decay``, backbone groups are split by distance from the head
+    (``backbone.decay.depth03``: three blocks below the last, LR x layer_decay**3)."""
+    depth = blocks_from_head(model) if phase.layer_decay is not None else {}
+    groups: dict[str, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         role = "backbone" if name in backbone else "head"
         decay = "decay" if decay_all or param.ndim > 1 else "no_decay"
-        groups.setdefault(f"{role}.{decay}", []).append(param)
-    return [
-        {
-            "name": name,
-            "params": params,
-            "lr": phase.lr * (phase.backbone_lr_scale if name.startswith("backbone") else 1.0),
-            "weight_decay": weight_decay if name.endswith(".decay") else 0.0,
-        }
-        for name, params in sorted(groups.items())
-    ]
+        key, lr = f"{role}.{decay}", phase.lr
+        if role == "backbone":
+            lr *= phase.backbone_lr_scale
+            if phase.layer_decay is not None:
+                key += f".depth{depth[name]:02d}"
+                lr *= phase.layer_decay ** depth[name]
+        group = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "params": [],
+                "lr": lr,
+                "weight_decay": weight_decay if decay == "decay" else 0.0,
+            },
+        )
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
 
 
 def make_optimizer(spec: FinetuneSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -491,6 +506,10 @@ def train(run: Run, history: History, saved: TrainingState | None = None) -> Non
                            p.optimizer.param_groups[0]["lr"]),
                 "trainable_params": p.trainable, "seconds": round(time.perf_counter() - t0, 4),
             }  # fmt: skip
+            if e == 0:  # each phase's first line: the LR of every group, as it starts
+                metrics["group_lrs"] = {
+                    g["name"]: g["initial_lr"] for g in p.optimizer.param_groups
+                }
             history.metrics.append(metrics)
             improved = _score(metrics) > history.best_score
             history.best_score = max(history.best_score, _score(metrics))

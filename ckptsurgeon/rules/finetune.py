@@ -72,6 +72,13 @@ class PhaseSpec(Strict):
     )
     lr: float = Field(gt=0)
     backbone_lr_scale: float = Field(1.0, ge=0)
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="timm's layer-wise LR decay: each block further from the head gets this "
+        "factor once more (blocks: see the README)",
+    )
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
 
