@@ -244,7 +244,7 @@ class Job:
             from ckptsurgeon.engine.verify import raise_if_failed
 
             if extras is not None:
-                carried.extend(self._complete_folder(plan, written, extras))
+                carried.extend(self._complete_folder(plan, written, extras, durable))
             if self.document.verify is not None:
                 report.verify = self._verify(plan, written)
                 raise_if_failed(report.verify, report)
@@ -285,13 +285,15 @@ class Job:
         folder = local_path(source.path)  # an hf:// name: its cache snapshot
         return extras_in(folder) if os.path.isdir(folder) else []
 
-    def _complete_folder(self, plan: Plan, written: str, extras: list[str]) -> list[str]:
+    def _complete_folder(
+        self, plan: Plan, written: str, extras: list[str], durable: bool
+    ) -> list[str]:
         """Copy ``extras`` into the temporary folder ``written`` and, for a transformers
         target, write the target's own config.json; returns the names added."""
         from ckptsurgeon.formats.hf_folder import CONFIG, copy_extras, write_model_config
         from ckptsurgeon.formats.table import dtype_name
 
-        names = copy_extras(extras, written)
+        names = copy_extras(extras, written, durable)
         model = plan.target.model if plan.target is not None else None
         floats = [r.dtype for r in plan.table.values() if r.dtype.is_floating_point]
         dtype = dtype_name(floats[0]) if floats else None

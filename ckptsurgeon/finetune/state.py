@@ -77,7 +77,8 @@ class TrainingState:
     def save(self, path: str) -> None:
         """Write ``path`` atomically (temporary file, fsync, rename): a run killed while
         saving leaves the previous state in place, never a torn one."""
-        from ckptsurgeon.formats.atomic import atomic_path, fsync_file
+        from ckptsurgeon.formats.atomic import atomic_path
+        from ckptsurgeon.formats.fsync import fsync_file
 
         h = self.history
         state = {

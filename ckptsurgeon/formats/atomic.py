@@ -26,12 +26,6 @@ from ckptsurgeon.paths import within
 TMP_MARK = ".ckptsurgeon-tmp-"
 
 
-def fsync_file(f) -> None:
-    """Flush ``f`` and wait until its bytes are on the disk."""
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def _no_sync(path: str) -> None:
     pass
 

@@ -90,12 +90,18 @@ def extras_in(folder: str) -> list[str]:
     return found
 
 
-def copy_extras(files: list[str], dest: str) -> list[str]:
-    """Copy ``files`` (from :func:`extras_in`) into ``dest`` as the files they name."""
+def copy_extras(files: list[str], dest: str, durable: bool) -> list[str]:
+    """Copy ``files`` (from :func:`extras_in`) into ``dest`` as the files they name, each
+    fsync'd when ``durable`` (the weights beside them are)."""
+    from ckptsurgeon.formats.fsync import fsync_file
+
     copied = []
     for path in files:
         target = os.path.join(dest, os.path.basename(path))
-        shutil.copyfile(os.path.realpath(path), target)
+        with open(os.path.realpath(path), "rb") as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
+            if durable:
+                fsync_file(out)
         copied.append(os.path.basename(path))
     return copied
 

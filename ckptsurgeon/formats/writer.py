@@ -18,7 +18,8 @@ import torch
 from ckptsurgeon._version import __version__
 from ckptsurgeon.errors import FitError, OutputError, UsageError
 from ckptsurgeon.formats import safetensors_io, safetensors_writer
-from ckptsurgeon.formats.atomic import atomic_path, check_replaceable, fsync_file
+from ckptsurgeon.formats.atomic import atomic_path, check_replaceable
+from ckptsurgeon.formats.fsync import fsync_file
 from ckptsurgeon.formats.hf_folder import SHARD_INDEX
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.safetensors_header import METADATA_KEY
