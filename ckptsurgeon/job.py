@@ -124,10 +124,10 @@ class Job:
     @property
     def source_path(self) -> str | None:
         """The source's path, or None when there is none (``run`` then says so)."""
-        if self.source is not None:
-            return self.source
-        spec = self.document.source_spec
-        return resolve(spec.path, self.base_dir) if spec else None
+        try:
+            return self.source_spec().path
+        except UsageError:
+            return None
 
     @property
     def output_path(self) -> str | None:
@@ -212,7 +212,6 @@ class Job:
         from ckptsurgeon.formats.atomic import refuse_overwriting_inputs
         from ckptsurgeon.formats.writer import check_output, provenance, write_checkpoint
 
-        record = self.record()  # the inputs as they are before reading them
         started = time.perf_counter()
         plan = self.plan()
         planned = time.perf_counter()
@@ -235,7 +234,7 @@ class Job:
         if plan.output is None:
             raise UsageError("no output: give output.path in the rules file or --output")
         durable = spec.fsync and write.durable
-
+        record = self.record()  # the inputs as they are before their data is read
         extras = self._extras(plan)
         carried: list[str] = []
 

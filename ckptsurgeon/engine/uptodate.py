@@ -19,9 +19,7 @@ import os
 from typing import Any
 
 from ckptsurgeon._version import __version__
-from ckptsurgeon.errors import InputError
-from ckptsurgeon.formats.index import find_index
-from ckptsurgeon.formats.safetensors_header import read_header
+from ckptsurgeon.formats.hf_folder import output_metadata
 
 RECORD_KEY = "ckptsurgeon.inputs"
 
@@ -53,20 +51,8 @@ def make_record(document: dict[str, Any], inputs: list[str]) -> str:
 
 def recorded(output: str) -> str | None:
     """The record in the output's metadata, or None (no output, not a safetensors output,
-    or one another tool wrote)."""
-    try:
-        if os.path.isdir(output):
-            index = find_index(output)
-            if index is not None:
-                with open(index, encoding="utf-8") as f:
-                    metadata = json.load(f).get("metadata") or {}
-                return metadata.get(RECORD_KEY) if isinstance(metadata, dict) else None
-            output = os.path.join(output, "model.safetensors")
-        if not output.endswith(".safetensors") or not os.path.isfile(output):
-            return None
-        return read_header(output).metadata.get(RECORD_KEY)
-    except (OSError, ValueError, InputError):
-        return None  # unreadable or foreign: not up to date, the job reruns and replaces it
+    or one another tool wrote: the job reruns and replaces it)."""
+    return output_metadata(output).get(RECORD_KEY)
 
 
 def is_up_to_date(output: str | None, record: str) -> bool:

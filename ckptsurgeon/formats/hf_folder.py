@@ -43,21 +43,30 @@ def is_output_file(name: str) -> bool:
     return bool(WEIGHT_FILES.fullmatch(name) or EXTRA_FILES.fullmatch(name))
 
 
-def written_by_ckptsurgeon(folder: str) -> bool:
-    """Do the folder's weights record ckptsurgeon as their producer (an earlier output,
-    whose extras it wrote too)? Reads one header; False for anything unreadable."""
+def output_metadata(path: str) -> dict[str, str]:
+    """The metadata a safetensors output records (a file, or a folder's index or single
+    ``model.safetensors``); empty for anything else, missing or unreadable."""
     from ckptsurgeon.formats.safetensors_header import read_header
 
-    index = os.path.join(folder, SHARD_INDEX)
     try:
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                metadata = json.load(f).get("metadata") or {}
-        else:
-            metadata = read_header(os.path.join(folder, "model.safetensors")).metadata
-        return str(metadata.get("producer", "")).startswith("ckptsurgeon ")
+        if os.path.isdir(path):
+            index = os.path.join(path, SHARD_INDEX)
+            if os.path.isfile(index):
+                with open(index, encoding="utf-8") as f:
+                    metadata = json.load(f).get("metadata") or {}
+                return metadata if isinstance(metadata, dict) else {}
+            path = os.path.join(path, "model.safetensors")
+        if not path.endswith(".safetensors") or not os.path.isfile(path):
+            return {}
+        return read_header(path).metadata
     except (OSError, ValueError, AttributeError, CkptSurgeonError):
-        return False
+        return {}  # unreadable or foreign: treated as not ours
+
+
+def written_by_ckptsurgeon(folder: str) -> bool:
+    """Do the folder's weights record ckptsurgeon as their producer (an earlier output,
+    whose extras it wrote too)?"""
+    return str(output_metadata(folder).get("producer", "")).startswith("ckptsurgeon ")
 
 
 def _allowed_roots(folder: str) -> list[str]:

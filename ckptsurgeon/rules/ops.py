@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -67,9 +68,9 @@ class Op(Strict):
             )
         return out
 
+    @abstractmethod  # pydantic's model metaclass is an ABCMeta: an op without it cannot be built
     def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
-        """The new table and how many keys the op matched; each registered op defines it."""
-        raise NotImplementedError
+        """The new table and how many keys the op matched."""
 
     def describe_selector(self) -> str:
         pattern = getattr(self, "pattern", None)
@@ -225,8 +226,9 @@ class TensorOp(Op):
 
     pattern: Pattern
 
+    @abstractmethod
     def transform(self, name: str, ref: TensorRef, ctx: Context) -> TensorRef:
-        raise NotImplementedError  # each tensor op overrides it
+        """The op's new value for one selected tensor."""
 
     def selects(self, name: str, ref: TensorRef) -> bool:
         return bool(self.regex.search(name))
