@@ -20,6 +20,9 @@ class RulesFile(Strict):
 
     version: Literal[1] = 1
     source: str | SourceSpec | None = Field(None, description="checkpoint path, or {path, key}")
+    sources: dict[str, str | SourceSpec] = Field(
+        default_factory=dict, description="more named inputs, for take and average"
+    )
     target: TargetSpec | None = None
     output: OutputSpec | str | None = None
     seed: int = Field(0, description="for every re-initialised tensor")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
@@ -40,6 +40,9 @@ class Context:
     target: TargetInfo | None = None
     dropped: dict[str, str] = field(default_factory=dict)  # name -> why
     where: str = ""  # "rule 3 (rename)", for messages
+    base_dir: str = ""  # relative paths in op fields (a merge_lora adapter) resolve here
+    # The rules file's named `sources:`, each opened on first use (take, average).
+    sources: Mapping[str, Table] = field(default_factory=dict)
 
 
 OPS: dict[str, type[Op]] = {}
