@@ -38,11 +38,12 @@ def save(
     max_shard_size: str | int | None = None,
     metadata: dict[str, str] | None = None,
     durable: bool = True,
+    format: str | None = None,
 ) -> WriteResult:
-    """Write ``tensors`` as ``load`` reads them: the suffix picks the format (a path with
-    no suffix is a Hugging Face folder, sharded past ``max_shard_size``), atomically and
-    streamed by the same writer as ``apply``. Tensors sharing storage (tied weights) are
-    written once each, as safetensors requires."""
+    """Write ``tensors`` as ``load`` reads them: ``format`` (safetensors, torch, dcp) or the
+    suffix picks the format (a path with no suffix is a Hugging Face folder, sharded past
+    ``max_shard_size``), atomically and streamed by the same writer as ``apply``. Tensors
+    sharing storage (tied weights) are written once each, as safetensors requires."""
     from ckptsurgeon.formats.table import from_tensor
 
     table = {name: from_tensor(t.detach().cpu(), name) for name, t in tensors.items()}
@@ -52,6 +53,7 @@ def save(
         max_shard_size=max_shard_size,
         metadata=provenance("ckptsurgeon.save", metadata),
         durable=durable,
+        format=format,
     )
 
 
@@ -66,10 +68,47 @@ def convert(
     progress: Progress | None = None,
     durable: bool = True,
     prehashed: SourceDigests | None = None,
+    format: str | None = None,
 ) -> WriteResult:
-    """Rewrite ``source`` into the format ``output``'s suffix names, optionally casting
-    floating tensors to ``dtype`` and sharding a folder output. ``prehashed``: see
-    :func:`~ckptsurgeon.formats.write_checkpoint`."""
+    """Rewrite ``source`` into ``format`` (safetensors, torch, dcp) or the one ``output``'s
+    suffix names, optionally casting floating tensors to ``dtype`` and sharding a folder
+    output. ``prehashed``: see :func:`~ckptsurgeon.formats.write_checkpoint`.
+
+    Under torchrun rank 0 converts while the other ranks wait, and every rank returns what
+    rank 0 wrote (see :mod:`ckptsurgeon.engine.ranks`)."""
+    from ckptsurgeon.engine.ranks import rank_zero_first
+
+    with rank_zero_first() as gate:
+        if gate.writes:
+            gate.result = _convert(
+                source,
+                output,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                key=key,
+                allow_globals=allow_globals,
+                progress=progress,
+                durable=durable,
+                prehashed=prehashed,
+                format=format,
+            )
+    return gate.result
+
+
+def _convert(
+    source: str,
+    output: str,
+    *,
+    dtype: str | None,
+    max_shard_size: str | int | None,
+    key: str | None,
+    allow_globals: Iterable[str],
+    progress: Progress | None,
+    durable: bool,
+    prehashed: SourceDigests | None,
+    format: str | None,
+) -> WriteResult:
+    """:func:`convert` on one rank."""
     ckpt = open_checkpoint(source, key, allow_globals)
     refuse_overwriting_inputs(output, [source, *ckpt.files])
     table = ckpt.tensors
@@ -92,6 +131,7 @@ def convert(
         progress=progress,
         durable=durable,
         prehashed=prehashed,
+        format=format,
     )
 
 

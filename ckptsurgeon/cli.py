@@ -20,7 +20,9 @@ import click
 from ckptsurgeon.errors import CkptSurgeonError
 
 if TYPE_CHECKING:
+    from ckptsurgeon.engine.report import ApplyReport
     from ckptsurgeon.formats.prehash import SourceDigests
+    from ckptsurgeon.job import Job
 
 _DEBUG = False
 
@@ -64,7 +66,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fail(as_json: bool, exc: BaseException, code: int, report: Any = None) -> None:
-    if as_json:
+    from ckptsurgeon.engine.ranks import launch
+
+    if as_json and launch().main:  # under torchrun one JSON object, rank 0's
         error = {"type": type(exc).__name__, "message": str(exc), "exit_code": code}
         body = report.to_dict() if report is not None else {}
         _print_json({**body, "error": error})
@@ -186,6 +190,13 @@ def inspect(
 @click.argument("output")
 @click.option("--dtype", default=None, help="Cast floating tensors (bfloat16, float16, ...).")
 @click.option("--max-shard-size", default=None, help="Shard a folder output, e.g. 5GB.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["safetensors", "torch", "dcp"]),
+    default=None,
+    help="Output format (default: from OUTPUT's suffix); dcp writes a DCP folder.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
@@ -196,20 +207,25 @@ def convert(
     output: str,
     dtype: str | None,
     max_shard_size: str | None,
+    output_format: str | None,
     quiet: bool,
     no_fsync: bool,
     as_json: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
-    """Convert a checkpoint to another format with no rules."""
+    """Convert a checkpoint to another format with no rules. Under torchrun rank 0 writes
+    and prints; the other ranks wait for it."""
+    from ckptsurgeon.engine.ranks import launch
+
+    main = launch().main
     # With --dtype every floating tensor is converted, not copied: little to hash ahead.
-    with _hashing_ahead(None if dtype else source) as prehashed:
+    with _hashing_ahead(None if dtype or not main else source) as prehashed:
         from ckptsurgeon.api import convert as convert_api
         from ckptsurgeon.reporting.progress import ByteProgress
         from ckptsurgeon.reporting.text import human_bytes
 
-        with ByteProgress("converting", quiet=quiet) as progress:
+        with ByteProgress("converting", quiet=quiet or not main) as progress:
             result = convert_api(
                 source,
                 output,
@@ -220,8 +236,11 @@ def convert(
                 progress=progress,
                 durable=not no_fsync,
                 prehashed=prehashed,
+                format=output_format,
             )
 
+    if not main:
+        return
     _stderr(f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})")
     if as_json:
         _print_json(
@@ -270,18 +289,50 @@ def apply(
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
-    """Load, rewrite by the rules, check against the target, write."""
-    from ckptsurgeon.job import Job, ReadOptions, WriteOptions
+    """Load, rewrite by the rules, check against the target, write. Under torchrun rank 0
+    writes and reports; the other ranks wait for it, then fine-tune with it."""
+    from ckptsurgeon.engine.ranks import launch, rank_zero_first
+    from ckptsurgeon.job import Job, ReadOptions
 
     job = Job.from_file(
         rules_file, source=source, output=output, read=ReadOptions(key, allow_globals)
     )
+    with rank_zero_first() as gate:
+        if gate.writes:
+            gate.result = _apply_write(
+                job, dry_run, as_json, report_path, quiet, verbose, no_fsync, skip_up_to_date
+            )
+    report = gate.result
+    if report is None:  # up to date: nothing to do
+        return
+    if report.written is not None and job.document.finetune is not None and not no_finetune:
+        report.finetune = job.finetune(
+            weights=report.written.path, read=ReadOptions(), log=_log_for(as_json)
+        )
+    if launch().main:
+        _emit_report(report.to_dict(), as_json, report_path, show=as_json)
+
+
+def _apply_write(
+    job: Job,
+    dry_run: bool,
+    as_json: bool,
+    report_path: str | None,
+    quiet: bool,
+    verbose: bool,
+    no_fsync: bool,
+    skip_up_to_date: bool,
+) -> ApplyReport | None:
+    """``apply`` up to the fine-tune, on one rank: the report, or None when the output was
+    up to date (then said so, and its report written)."""
+    from ckptsurgeon.job import WriteOptions
+
     if skip_up_to_date and not dry_run and job.up_to_date():  # headers and stat: no torch
         done = {"output": job.output_path, "up_to_date": True}
         if not (as_json or quiet):
             click.echo(f"up to date: {job.output_path} was made from the same inputs and rules")
         _emit_report(done, as_json, report_path, show=as_json)
-        return
+        return None
     with _hashing_ahead(None if dry_run else job.source_path) as prehashed:
         from ckptsurgeon.engine.plan import PlanFailed
         from ckptsurgeon.engine.verify import VerifyFailed
@@ -292,7 +343,7 @@ def apply(
             with ByteProgress("writing", quiet=quiet) as progress:
                 report = job.run(
                     dry_run=dry_run,
-                    # Fine-tuned below, once the plan table is on screen.
+                    # Fine-tuned by apply, once the plan table is on screen.
                     finetune=False,
                     write=WriteOptions(progress, not no_fsync, prehashed),
                     report_path=report_path,
@@ -305,11 +356,7 @@ def apply(
             raise
     if not as_json and not quiet:
         plan_report.render(report, _console(), verbose=verbose)
-    if report.written is not None and job.document.finetune is not None and not no_finetune:
-        report.finetune = job.finetune(
-            weights=report.written.path, read=ReadOptions(), log=_log_for(as_json)
-        )
-    _emit_report(report.to_dict(), as_json, report_path, show=as_json)
+    return report
 
 
 @contextlib.contextmanager

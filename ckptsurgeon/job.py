@@ -24,7 +24,7 @@ from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.hub import local_path
 from ckptsurgeon.paths import resolve, rules_folder, within
 from ckptsurgeon.rules.config import SourceSpec
-from ckptsurgeon.rules.document import RulesFile, load_rules, parse_document
+from ckptsurgeon.rules.document import NamedSource, RulesFile, load_rules, parse_document
 
 if TYPE_CHECKING:
     from ckptsurgeon.engine.plan import Plan
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ckptsurgeon.engine.verify import VerifyResult
     from ckptsurgeon.formats.prehash import SourceDigests
     from ckptsurgeon.formats.writer import Progress
+    from ckptsurgeon.rules.finetune import FinetuneSpec
 
 Log = Callable[[str], None]
 # The library logs; the CLI passes its own printer (stdout, or stderr beside --json).
@@ -142,9 +143,32 @@ class Job:
         named = [p for p in (target.checkpoint, target.manifest) if p] if target else []
         return [resolve(p, self.base_dir) for p in named]
 
+    def named_sources(self) -> dict[str, NamedSource]:
+        """The document's ``sources:``, each path resolved as ``source:``'s is (against
+        the rules file's folder; ``hf://`` names kept); ``--allow-global`` classes are
+        admitted in each, ``--key`` (the source's container) in none."""
+        return {
+            name: spec.model_copy(
+                update={
+                    "path": resolve(spec.path, self.base_dir),
+                    "allow_globals": [*spec.allow_globals, *self.read.allow_globals],
+                }
+            )
+            for name, spec in self.document.named_sources().items()
+        }
+
+    def _source_files(self) -> list[str]:
+        """The named sources' files or folders (hf:// names: their cache snapshots)."""
+        return [local_path(spec.path) for spec in self.named_sources().values()]
+
+    def _op_inputs(self) -> list[str]:
+        """What the rules' ops read besides the source (a merge_lora adapter folder)."""
+        return [f for op in self.document.rules for f in op.input_files(self.base_dir)]
+
     def _fixed_inputs(self) -> list[str]:
-        """The rules file and the target's files: inputs the output must never replace."""
-        files = self._target_files()
+        """The rules file, the target's and the ops' files: inputs the output must never
+        replace."""
+        files = [*self._target_files(), *self._source_files(), *self._op_inputs()]
         return [self.rules_path, *files] if self.rules_path else files
 
     def record(self) -> str:
@@ -159,9 +183,20 @@ class Job:
             "document": self.document.model_dump(mode="json"),
             "source": source.model_dump(mode="json"),
         }
-        files = [source.path, *self._target_files(), *self._code_inputs()]
-        files = [local_path(f) for f in files]  # hf:// names: their cache snapshots
+        files = [local_path(f) for f in self.input_paths()]  # hf:// names: their snapshots
         return make_record(document, [f for f in files if os.path.exists(f)])
+
+    def input_paths(self) -> list[str]:
+        """Every file or folder the job reads, the source first: what the up-to-date
+        record lists, so a change to any of them makes the output stale. A new kind of
+        input is added here (ops declare theirs with ``Op.input_files``)."""
+        return [
+            self.source_spec().path,
+            *self._target_files(),
+            *self._source_files(),
+            *self._op_inputs(),
+            *self._code_inputs(),
+        ]
 
     def _code_inputs(self) -> list[str]:
         """Model files (``file.py:callable``) and recorded inputs the job runs or reads."""
@@ -188,7 +223,13 @@ class Job:
         """Open the source, run the rules and check the result; nothing is written."""
         from ckptsurgeon.engine.plan import make_plan
 
-        return make_plan(self.document, self.base_dir, self.source_spec(), self.output_path)
+        return make_plan(
+            self.document,
+            self.base_dir,
+            self.source_spec(),
+            self.output_path,
+            self.named_sources(),
+        )
 
     def run(
         self,
@@ -205,7 +246,24 @@ class Job:
         Raises PlanFailed (exit 1) when the result does not fit the target; nothing is
         written. ``report_path`` (where the caller will write the report) is refused, as
         the output is, when it would overwrite an input or the output, or has no folder.
+
+        Under torchrun rank 0 plans and writes while the other ranks wait; then every rank
+        holds rank 0's report and fine-tunes (see :mod:`ckptsurgeon.engine.ranks`).
         """
+        from ckptsurgeon.engine.ranks import rank_zero_first
+
+        with rank_zero_first() as gate:
+            if gate.writes:
+                gate.result = self._write(dry_run=dry_run, write=write, report_path=report_path)
+        report: ApplyReport = gate.result
+        if finetune and report.written is not None and self.document.finetune is not None:
+            report.finetune = self.finetune(
+                weights=report.written.path, read=ReadOptions(), log=log
+            )
+        return report
+
+    def _write(self, *, dry_run: bool, write: WriteOptions, report_path: str | None) -> ApplyReport:
+        """:meth:`run` on one rank, without the fine-tune."""
         from ckptsurgeon.engine.plan import PlanFailed
         from ckptsurgeon.engine.report import Written
         from ckptsurgeon.engine.uptodate import RECORD_KEY
@@ -227,7 +285,7 @@ class Job:
             )
         spec = self.document.output_spec
         if plan.output is not None:  # what the write would refuse, a dry run refuses too
-            check_output(plan.output, spec.max_shard_size, plan.table.keys())
+            check_output(plan.output, spec.max_shard_size, plan.table.keys(), spec.format)
             refuse_overwriting_inputs(plan.output, inputs)
         if dry_run:
             return report
@@ -257,6 +315,7 @@ class Job:
             durable=durable,
             prehashed=write.prehashed,
             before_commit=before_commit,
+            format=spec.format,
         )
         files = [*result.files, *(os.path.join(result.path, name) for name in carried)]
         report.written = Written(result.path, files, result.total_bytes, durable)
@@ -265,8 +324,6 @@ class Job:
             "plan": round(planned - started, 4),
             "write": round(time.perf_counter() - planned, 4),
         }
-        if finetune and self.document.finetune is not None:
-            report.finetune = self.finetune(weights=result.path, read=ReadOptions(), log=log)
         return report
 
     def _extras(self, plan: Plan) -> list[str] | None:
@@ -278,7 +335,7 @@ class Job:
 
         if plan.output is None or not self.document.output_spec.copy_extras:
             return None
-        if output_kind(plan.output) != "folder":
+        if output_kind(plan.output, self.document.output_spec.format) != "folder":
             return None
         source = plan.source
         folder = local_path(source.path)  # an hf:// name: its cache snapshot
@@ -347,26 +404,18 @@ class Job:
         """
         read = self.read if read is None else read
         from ckptsurgeon.engine.load import load_into
+        from ckptsurgeon.engine.ranks import launch
         from ckptsurgeon.finetune.runner import run_finetune
         from ckptsurgeon.targets.models import build_model
 
-        spec = self.document.finetune
-        if spec is None:
-            raise UsageError("this file has no finetune: section")
-        target = self.document.target
-        model_spec = spec.model or (target.model if target else None)
-        if not model_spec:
-            raise UsageError("finetune.model is not set and there is no target.model to default to")
-        kwargs = (
-            spec.kwargs
-            if spec.kwargs is not None
-            else (target.kwargs if target and target.model == model_spec else {})
-        )
+        spec, model_spec, kwargs = self._finetune_model()
         if weights is None and spec.weights:
             weights = resolve(spec.weights, self.base_dir)
         if weights is None:
             path = self.document.output_spec.path
             weights = resolve(path, self.base_dir) if path else None
+        if not launch().main:  # under torchrun every rank trains; rank 0 alone reports
+            log = _quiet
         model = build_model(model_spec, kwargs, self.base_dir, device="cpu")
         if weights is not None:
             if not os.path.exists(weights):
@@ -386,6 +435,26 @@ class Job:
             log=log,
             source=weights or model_spec,
         )
+
+    def _finetune_model(self) -> tuple[FinetuneSpec, str, dict[str, Any]]:
+        """The ``finetune:`` section, and the model (spec, kwargs) it trains."""
+        spec = self.document.finetune
+        if spec is None:
+            raise UsageError("this file has no finetune: section")
+        target = self.document.target
+        model_spec = spec.model or (target.model if target else None)
+        if not model_spec:
+            raise UsageError("finetune.model is not set and there is no target.model to default to")
+        kwargs = (
+            spec.kwargs
+            if spec.kwargs is not None
+            else (target.kwargs if target and target.model == model_spec else {})
+        )
+        return spec, model_spec, kwargs
+
+
+def _quiet(message: str) -> None:
+    """The log of a rank other than 0."""
 
 
 def _check_report_path(report_path: str, inputs: list[str], output: str | None) -> None:

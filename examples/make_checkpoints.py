@@ -182,14 +182,19 @@ EXAMPLES: dict[str, Callable[[Path], Path]] = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", choices=[[], *EXAMPLES], help="default: all")
+def run(examples: dict[str, Callable[[Path], Path]], description: str) -> None:
+    """The example scripts' command line: make the named examples (default: all) in --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("names", nargs="*", choices=[[], *examples], help="default: all")
     parser.add_argument("--out", type=Path, default=HERE / "checkpoints")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    for name in args.names or EXAMPLES:
-        print(f"{name}: {EXAMPLES[name](args.out)}")
+    for name in args.names or examples:
+        print(f"{name}: {examples[name](args.out)}")
+
+
+def main() -> None:
+    run(EXAMPLES, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -8,14 +8,16 @@ Nothing is written unless the whole plan is valid.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ckptsurgeon.engine.report import ApplyReport, KeyEntry, SourceInfo
+from ckptsurgeon.engine.sources import OpenedSources
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.reader import Checkpoint, open_checkpoint
 from ckptsurgeon.formats.table import Table, cast_floating, dtype_name, parse_dtype
 from ckptsurgeon.rules.config import SourceSpec
-from ckptsurgeon.rules.document import RulesFile
+from ckptsurgeon.rules.document import NamedSource, RulesFile
 from ckptsurgeon.rules.ops import Context
 from ckptsurgeon.targets.check import CheckResult, check_table
 from ckptsurgeon.targets.spec import TargetInfo, resolve_target
@@ -69,10 +71,17 @@ class Plan:
 
 
 def run_rules(
-    rules: RulesFile, table: Table, target: TargetInfo | None
+    rules: RulesFile,
+    table: Table,
+    target: TargetInfo | None,
+    base_dir: str = "",
+    sources: Mapping[str, Table] | None = None,
 ) -> tuple[Table, dict[str, str]]:
-    """Run every rule in order; returns the new table and the dropped keys (with reasons)."""
-    ctx = Context(seed=rules.seed, target=target)
+    """Run every rule in order; returns the new table and the dropped keys (with reasons).
+    Relative paths in ops (a merge_lora adapter) resolve against ``base_dir`` (default: the
+    working directory); ``sources`` are the named sources take and average read (none for
+    rules given without a file)."""
+    ctx = Context(seed=rules.seed, target=target, base_dir=base_dir, sources=sources or {})
     for i, op in enumerate(rules.rules):
         ctx.where = f"rules[{i}] ({op.op})"
         table = op.run(table, ctx)
@@ -88,9 +97,17 @@ def _target_order(table: Table, target: TargetInfo | None) -> Table:
     return ordered
 
 
-def make_plan(rules: RulesFile, base_dir: str, source: SourceSpec, output: str | None) -> Plan:
+def make_plan(
+    rules: RulesFile,
+    base_dir: str,
+    source: SourceSpec,
+    output: str | None,
+    sources: Mapping[str, NamedSource] | None = None,
+) -> Plan:
     """Open ``source`` (its path already resolved), run the rules, apply the output dtype,
     and check against the target; ``output`` is the resolved output path, if any.
+    ``sources`` are the named sources (paths resolved), each opened when an op first
+    reads it.
 
     The source's ``allow_globals`` name trusted classes, not one file: a reference-checkpoint
     target admits them too, as in ``check`` and ``diff``.
@@ -102,7 +119,8 @@ def make_plan(rules: RulesFile, base_dir: str, source: SourceSpec, output: str |
         target_spec = target_spec.model_copy(update={"allow_globals": merged})
     target = resolve_target(target_spec, base_dir) if target_spec else None
 
-    table, dropped = run_rules(rules, ckpt.tensors, target)
+    named = OpenedSources(sources or {}, main=(source, ckpt))
+    table, dropped = run_rules(rules, ckpt.tensors, target, base_dir, named)
     out_spec = rules.output_spec
     if out_spec.dtype:
         table = cast_floating(table, parse_dtype(out_spec.dtype))

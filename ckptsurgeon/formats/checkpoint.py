@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from ckptsurgeon.errors import InputError, UsageError
-from ckptsurgeon.formats import hub
+from ckptsurgeon.formats import hub, zero_folder
 from ckptsurgeon.formats.index import find_index
 
 # Suffixes that name torch pickles: the ones ckptsurgeon writes, and those it also reads.
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 TORCH_SUFFIXES = (*TORCH_OUTPUT_SUFFIXES, ".tar", ".pkl")
+
+# The first bytes of every GGUF file (llama.cpp).
+GGUF_MAGIC = b"GGUF"
 
 # The file that makes a folder a torch.distributed.checkpoint (DCP) checkpoint.
 DCP_METADATA_FILE = ".metadata"
@@ -57,6 +60,9 @@ class Checkpoint(Generic[T]):
     metadata: dict[str, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)  # name -> name it shares storage with
+    # GGUF: how many tensors the file stores in each of its types (Q4_K, F16, ...), all
+    # dequantized on read; empty for every other format.
+    quantization: dict[str, int] = field(default_factory=dict)
 
 
 def is_dcp_folder(path: str) -> bool:
@@ -64,7 +70,8 @@ def is_dcp_folder(path: str) -> bool:
 
 
 def detect_format(path: str) -> str:
-    """One of safetensors, safetensors-sharded, torch-zip, torch-legacy, torch-sharded, dcp.
+    """One of safetensors, safetensors-sharded, torch-zip, torch-legacy, torch-sharded, dcp,
+    gguf, deepspeed-zero1, deepspeed-zero2, deepspeed-zero3.
 
     ``hf://org/name[@revision]`` is the snapshot folder in the Hugging Face cache."""
     if hub.is_hf(path):
@@ -76,6 +83,8 @@ def detect_format(path: str) -> str:
     if os.path.isdir(path):
         if is_dcp_folder(path):
             return "dcp"
+        if zero_folder.is_zero_folder(path):
+            return zero_folder.zero_format(zero_folder.locate(path))
         index = find_index(path)
         if index:
             return detect_format(index)
@@ -89,6 +98,8 @@ def detect_format(path: str) -> str:
         raise InputError(f"{path}: empty file")
     with open(path, "rb") as f:
         head = f.read(9)
+    if head[:4] == GGUF_MAGIC:
+        return "gguf"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     looks_safetensors = (
@@ -96,10 +107,12 @@ def detect_format(path: str) -> str:
     )
     if looks_safetensors or path.endswith(".safetensors"):
         return "safetensors"
+    if path.endswith(".gguf"):  # without the magic: the GGUF reader says what is wrong
+        return "gguf"
     if head[:1] == b"\x80" or path.endswith(TORCH_SUFFIXES):
         return "torch-legacy"
     raise InputError(
-        f"{path}: unrecognised format (not safetensors, a torch file, an index or DCP)"
+        f"{path}: unrecognised format (not safetensors, a torch file, GGUF, an index or DCP)"
     )
 
 
@@ -118,8 +131,8 @@ def _single_weights_file(folder: str) -> str:
 
 
 def resolve_file(path: str) -> str:
-    """The file (or DCP folder) that holds the checkpoint at ``path``."""
-    if os.path.isdir(path) and not is_dcp_folder(path):
+    """The file (or DCP or ZeRO folder) that holds the checkpoint at ``path``."""
+    if os.path.isdir(path) and not is_dcp_folder(path) and not zero_folder.is_zero_folder(path):
         return find_index(path) or _single_weights_file(path)
     return path
 

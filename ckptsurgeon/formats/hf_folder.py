@@ -31,6 +31,10 @@ EXTRA_FILES = re.compile(
 WEIGHT_FILES = re.compile(
     r"model(-\d{5}-of-\d{5})?\.safetensors|" + re.escape(SHARD_INDEX), re.ASCII
 )
+# A DCP folder output: DCP's data files and metadata, and the provenance ckptsurgeon records
+# beside them (DCP's metadata has no room for it, and reading it back would need torch).
+DCP_PROVENANCE = "ckptsurgeon.json"
+DCP_FILES = re.compile(r"\.metadata|__\d+_\d+\.distcp|" + re.escape(DCP_PROVENANCE), re.ASCII)
 
 
 def is_weight_file(name: str) -> bool:
@@ -39,16 +43,24 @@ def is_weight_file(name: str) -> bool:
 
 
 def is_output_file(name: str) -> bool:
-    """Is this a file a folder output writes (weights, or extras carried along)?"""
-    return bool(WEIGHT_FILES.fullmatch(name) or EXTRA_FILES.fullmatch(name))
+    """Is this a file a folder output writes (weights, or extras carried along, or a DCP
+    output's files)?"""
+    return bool(
+        WEIGHT_FILES.fullmatch(name) or EXTRA_FILES.fullmatch(name) or DCP_FILES.fullmatch(name)
+    )
 
 
 def output_metadata(path: str) -> dict[str, str]:
     """The metadata a safetensors output records (a file, or a folder's index or single
-    ``model.safetensors``); empty for anything else, missing or unreadable."""
+    ``model.safetensors``), or a DCP output beside its data; empty for anything else,
+    missing or unreadable."""
     from ckptsurgeon.formats.safetensors_header import read_header
 
     try:
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, DCP_PROVENANCE)):
+            with open(os.path.join(path, DCP_PROVENANCE), encoding="utf-8") as f:
+                metadata = json.load(f)
+            return metadata if isinstance(metadata, dict) else {}
         if os.path.isdir(path):
             index = os.path.join(path, SHARD_INDEX)
             if os.path.isfile(index):

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ckptsurgeon.errors import InputError
-from ckptsurgeon.formats import dcp_io, hub, safetensors_io, torch_io
+from ckptsurgeon.formats import dcp_io, gguf_io, hub, safetensors_io, torch_io, zero_io
 from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.formats.checkpoint import (
     Checkpoint,
@@ -21,6 +21,7 @@ from ckptsurgeon.formats.checkpoint import (
 from ckptsurgeon.formats.header_table import SAFETENSORS_FORMATS, read_safetensors
 from ckptsurgeon.formats.index import read_index
 from ckptsurgeon.formats.table import Table, from_tensor
+from ckptsurgeon.formats.zero_folder import ZERO_FORMATS
 
 
 def open_checkpoint(
@@ -46,10 +47,14 @@ def open_checkpoint(
             ckpt = Checkpoint(path, fmt, dcp_io.open_dcp(file), files=_folder_files(file))
         elif fmt == "torch-sharded":
             ckpt = _open_sharded_torch(path, file, allow_globals)
+        elif fmt == "gguf":
+            ckpt = gguf_io.open_gguf(file)
+        elif fmt in ZERO_FORMATS:
+            ckpt = zero_io.open_zero(file)
         else:
             ckpt = _open_torch(path, file, fmt, key, allow_globals)
             key = None  # the container was chosen inside the pickle
-    if fmt in ("dcp", "safetensors", "safetensors-sharded", "torch-sharded"):
+    if fmt in ("dcp", "safetensors", "safetensors-sharded", "torch-sharded", "gguf", *ZERO_FORMATS):
         choose_prefix_container(ckpt, key)
     return ckpt
 

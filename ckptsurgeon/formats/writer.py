@@ -1,6 +1,6 @@
-"""Writers: safetensors (one file or a Hugging Face sharded folder) and torch, atomically
-(through :mod:`ckptsurgeon.formats.atomic`): the output path only ever holds a complete
-checkpoint, the old one or the new one.
+"""Writers: safetensors (one file or a Hugging Face sharded folder), torch and DCP folders,
+atomically (through :mod:`ckptsurgeon.formats.atomic`): the output path only ever holds a
+complete checkpoint, the old one or the new one.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 
 from ckptsurgeon._version import __version__
 from ckptsurgeon.errors import FitError, OutputError, UsageError
-from ckptsurgeon.formats import safetensors_io, safetensors_writer
+from ckptsurgeon.formats import dcp_writer, safetensors_io, safetensors_writer
 from ckptsurgeon.formats.atomic import atomic_path, check_replaceable
 from ckptsurgeon.formats.fsync import fsync_file
 from ckptsurgeon.formats.hf_folder import SHARD_INDEX
+from ckptsurgeon.formats.kinds import OUTPUT_FORMATS, output_kind  # noqa: F401 (re-exported)
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.safetensors_header import METADATA_KEY
 from ckptsurgeon.formats.table import Table, TensorRef
-from ckptsurgeon.formats.torch_io import TORCH_OUTPUT_SUFFIXES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -54,34 +54,23 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def output_kind(path: str) -> str:
-    """``safetensors``, ``torch`` or ``folder``, from the output path's suffix."""
-    if path.endswith(".safetensors"):
-        return "safetensors"
-    if path.endswith(TORCH_OUTPUT_SUFFIXES):
-        return "torch"
-    if os.path.splitext(path)[1]:
-        raise UsageError(
-            f"output {path}: unknown suffix; use .safetensors, .pt/.pth/.bin, or no suffix "
-            "for a Hugging Face-style folder"
-        )
-    return "folder"
-
-
 def check_output(
-    path: str, max_shard_size: int | str | None = None, names: Iterable[str] = ()
+    path: str,
+    max_shard_size: int | str | None = None,
+    names: Iterable[str] = (),
+    format: str | None = None,
 ) -> str:
     """The kind of output ``path`` names, or the error ``write_checkpoint`` would raise for
     it and tensors called ``names`` (lets a dry run fail exactly where the real run would):
-    UsageError for a bad path or shard size or an existing path it may not replace
+    UsageError for a bad path, format or shard size or an existing path it may not replace
     (:func:`check_replaceable`), FitError for a name the format cannot hold."""
-    kind = output_kind(path)
+    kind = output_kind(path, format)
     if max_shard_size is not None:
-        if kind != "folder":
+        if kind not in ("folder", "dcp"):
             raise UsageError("max_shard_size needs a folder output (a path with no suffix)")
         parse_size(max_shard_size)
-    check_replaceable(os.path.abspath(path), is_dir=kind == "folder")
-    if kind != "torch" and METADATA_KEY in names:
+    check_replaceable(os.path.abspath(path), is_dir=kind in ("folder", "dcp"))
+    if kind in ("safetensors", "folder") and METADATA_KEY in names:
         raise FitError(
             f"a tensor is named {METADATA_KEY!r}, which safetensors keeps for the file's "
             "metadata; rename it with a rule, or write a .pt output"
@@ -131,8 +120,12 @@ def write_checkpoint(
     durable: bool = True,
     prehashed: SourceDigests | None = None,
     before_commit: Callable[[str], None] | None = None,
+    format: str | None = None,
 ) -> WriteResult:
-    """Write ``table`` to ``path`` atomically; the suffix picks the format (see output_kind).
+    """Write ``table`` to ``path`` atomically; ``format``, or else the suffix, picks the
+    format (see output_kind). A ``max_shard_size`` shards a folder output into safetensors
+    files with an index; for a DCP folder it caps each data file, which is also the most
+    tensor data the write holds in memory at once.
 
     ``durable`` fsyncs files and folders before and after the rename, so the output survives
     a power cut too; without it the write is still atomic against crashes of this process
@@ -141,8 +134,9 @@ def write_checkpoint(
     ``before_commit`` is called with the temporary file or folder once every byte is
     written, before it is moved into place; if it raises, nothing appears at ``path``.
     """
-    kind = check_output(path, max_shard_size, table.keys())
-    metadata = {"format": "pt", **(metadata or {})}
+    kind = check_output(path, max_shard_size, table.keys(), format)
+    provenance_only = dict(metadata or {})
+    metadata = {"format": "pt", **provenance_only}  # "pt": the safetensors convention
     items = list(table.items())
     total = sum(ref.nbytes for _, ref in items)
     on_bytes = None
@@ -150,7 +144,7 @@ def write_checkpoint(
         progress.start(total)
         on_bytes = progress.advance
     try:
-        with atomic_path(path, is_dir=kind == "folder", durable=durable) as tmp:
+        with atomic_path(path, is_dir=kind in ("folder", "dcp"), durable=durable) as tmp:
             if kind == "safetensors":
                 safetensors_writer.write_safetensors(
                     tmp, items, metadata, on_bytes, sync=durable, prehashed=prehashed
@@ -159,6 +153,16 @@ def write_checkpoint(
             elif kind == "torch":
                 _write_torch(tmp, items, on_bytes, durable)
                 files = [path]
+            elif kind == "dcp":
+                file_size = (
+                    parse_size(max_shard_size)
+                    if max_shard_size is not None
+                    else dcp_writer.DEFAULT_FILE_SIZE
+                )
+                names = dcp_writer.write_dcp(
+                    tmp, items, provenance_only, on_bytes, sync=durable, file_size=file_size
+                )
+                files = [os.path.join(path, n) for n in names]
             else:
                 names = _write_folder(
                     tmp, items, max_shard_size, metadata, on_bytes, durable, prehashed

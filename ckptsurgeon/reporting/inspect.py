@@ -28,7 +28,7 @@ def summarize(ckpt: Checkpoint, pattern: str | None = None) -> dict[str, Any]:
         for name, ref in ckpt.tensors.items()
         if regex is None or regex.search(name)
     }
-    return {
+    summary: dict[str, Any] = {
         "format": ckpt.format,
         "path": ckpt.path,
         "tensors": tensors,
@@ -40,6 +40,10 @@ def summarize(ckpt: Checkpoint, pattern: str | None = None) -> dict[str, Any]:
         "metadata": ckpt.metadata,
         "aliases": ckpt.aliases,
     }
+    if ckpt.format == "gguf":  # dtypes above are the dequantized ones; say what is stored
+        summary["architecture"] = ckpt.metadata.get("general.architecture")
+        summary["quantization"] = ckpt.quantization
+    return summary
 
 
 def prefix_tree(names_sizes: dict[str, tuple[int, int]], depth: int = 2) -> dict[str, list[int]]:
@@ -74,6 +78,14 @@ def render(summary: dict[str, Any], console: Console, show_all: bool = False) ->
         console.print(f"containers: {', '.join(repr(c) for c in summary['containers'])}")
     if summary["note"]:
         console.print(f"state dict: {summary['note']}")
+    if "quantization" in summary:
+        stored = ", ".join(f"{t} x{n}" for t, n in summary["quantization"].items())
+        console.print(
+            f"architecture: {summary['architecture'] or '?'}; stored as {stored or 'nothing'} "
+            "(dequantized on read)",
+            markup=False,
+            highlight=False,
+        )
     if show_all or len(tensors) <= SCREENFUL:
         rows = [
             (name, str(tuple(i["shape"])), i["dtype"], human_bytes(i["bytes"]))
@@ -114,7 +126,7 @@ def render(summary: dict[str, Any], console: Console, show_all: bool = False) ->
     totals = ", ".join(f"{d}: {c} tensors {human_bytes(b)}" for d, (c, b) in by_dtype.items())
     console.print(
         f"\n[bold]{len(tensors)} tensors[/], {human_count(summary['num_params'])} parameters "
-        f"({summary['num_params']}), {human_bytes(summary['total_bytes'])}  [{totals}]"
+        f"({summary['num_params']}), {human_bytes(summary['total_bytes'])}  \\[{totals}]"
     )
     sizes = {n: (_numel(i["shape"]), i["bytes"]) for n, i in tensors.items()}
     groups = prefix_tree(sizes)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
+from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.dtypes import FLOAT_DTYPES, KNOWN_NAMES, OTHER_DTYPES, canonical_dtype
+from ckptsurgeon.formats.kinds import output_kind
 from ckptsurgeon.schema import Strict
 from ckptsurgeon.targets.config import TargetSpec
 
@@ -65,7 +67,14 @@ class SourceSpec(Strict):
 class OutputSpec(Strict):
     path: str | None = Field(None, description=".safetensors, .pt/.pth/.bin, or a folder")
     dtype: FloatDType | None = None
-    max_shard_size: str | int | None = Field(None, description='e.g. "5GB" (decimal units)')
+    max_shard_size: str | int | None = Field(
+        None, description='e.g. "5GB" (decimal units); for dcp: the largest data file'
+    )
+    format: Literal["safetensors", "torch", "dcp"] | None = Field(
+        None,
+        description="dcp: a torch.distributed.checkpoint folder (a path with no suffix); "
+        "null: from the path's suffix",
+    )
     fsync: bool = Field(
         True, description="wait for the disk (survives power loss); false: as fast as cp -r"
     )
@@ -74,6 +83,17 @@ class OutputSpec(Strict):
         description="folder output from a folder source: carry config, tokenizer and "
         "preprocessor files along; a transformers target writes its own config.json",
     )
+
+    @field_validator("format")
+    @classmethod
+    def _format_fits_path(cls, format: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path")  # validated first: declared before format
+        if format is not None and path is not None:
+            try:
+                output_kind(path, format)
+            except UsageError as exc:
+                raise ValueError(str(exc)) from None
+        return format
 
 
 class CheckSpec(Strict):

@@ -11,8 +11,18 @@ from ckptsurgeon.errors import RulesError
 from ckptsurgeon.rules import yamlnodes
 from ckptsurgeon.rules.config import CheckSpec, OutputSpec, SourceSpec, Strict, TargetSpec
 from ckptsurgeon.rules.finetune import FinetuneSpec
-from ckptsurgeon.rules.ops import AnyOp
+from ckptsurgeon.rules.ops import AnyOp, FromSources
 from ckptsurgeon.rules.verify import VerifySpec
+
+
+class NamedSource(SourceSpec):
+    """One of ``sources:``: a checkpoint beside the source, read as the source is."""
+
+    dotless: str | None = Field(
+        None,
+        description="read the EMA copy kept under this prefix with dots removed from its "
+        "names (Stable Diffusion's model_ema.*), named as the weights it shadows",
+    )
 
 
 class RulesFile(Strict):
@@ -20,7 +30,7 @@ class RulesFile(Strict):
 
     version: Literal[1] = 1
     source: str | SourceSpec | None = Field(None, description="checkpoint path, or {path, key}")
-    sources: dict[str, str | SourceSpec] = Field(
+    sources: dict[str, str | NamedSource] = Field(
         default_factory=dict, description="more named inputs, for take and average"
     )
     target: TargetSpec | None = None
@@ -34,6 +44,13 @@ class RulesFile(Strict):
     @property
     def source_spec(self) -> SourceSpec | None:
         return SourceSpec(path=self.source) if isinstance(self.source, str) else self.source
+
+    def named_sources(self) -> dict[str, NamedSource]:
+        """``sources:`` with every entry as a :class:`NamedSource` (paths as written)."""
+        return {
+            name: NamedSource(path=spec) if isinstance(spec, str) else spec
+            for name, spec in self.sources.items()
+        }
 
     @property
     def output_spec(self) -> OutputSpec:
@@ -84,7 +101,7 @@ def validate_document(located: yamlnodes.Located) -> RulesFile:
     if not isinstance(data, dict):
         raise RulesError(f"{located.filename}: a rules file is a mapping with a 'rules:' list")
     try:
-        return RulesFile.model_validate(data)
+        rules = RulesFile.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False)[:10]:
@@ -101,6 +118,26 @@ def validate_document(located: yamlnodes.Located) -> RulesFile:
         if more > 0:
             lines.append(f"... and {more} more")
         raise RulesError("invalid rules file:\n  " + "\n  ".join(lines)) from None
+    _check_sources_declared(rules, located)
+    return rules
+
+
+def _check_sources_declared(rules: RulesFile, located: yamlnodes.Located) -> None:
+    """Every source an op reads (take, average) must be one the file declares: a typo found
+    now, not after the other inputs have been opened."""
+    for i, op in enumerate(rules.rules):
+        if not isinstance(op, FromSources):
+            continue
+        names = op.source_names()
+        for j, name in enumerate(names):
+            if name in rules.sources:
+                continue
+            loc = ("rules", i, "from", j) if isinstance(op.from_, list) else ("rules", i, "from")
+            declared = ", ".join(map(repr, rules.sources)) or "none"
+            raise RulesError(
+                f"invalid rules file:\n  {located.where(loc)}: rules[{i}] ({op.op}).from: "
+                f"no source named {name!r} under sources: (declared: {declared})"
+            )
 
 
 def _known_ops() -> list[str]:

@@ -22,7 +22,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.actions import Action
-from ckptsurgeon.rules.config import DType, InitName, Pattern, Strict
+from ckptsurgeon.rules.config import DType, FloatDType, InitName, Pattern, Strict
 from ckptsurgeon.targets.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -78,6 +78,11 @@ class Op(Strict):
     def describe_selector(self) -> str:
         pattern = getattr(self, "pattern", None)
         return f"pattern {pattern!r}" if pattern else "the op"
+
+    def input_files(self, base_dir: str) -> list[str]:
+        """Files or folders the op reads besides the source (the up-to-date record lists
+        them, and the output may not overwrite them)."""
+        return []
 
     @cached_property
     def regex(self) -> re.Pattern[str]:
@@ -576,6 +581,35 @@ class PermuteRope(TensorOp):
         return ref.derive(permute, Action("permuted", f"rope rows {way} ({heads} heads)"))
 
 
+@register
+class MergeLora(Op):
+    """Fold a PEFT LoRA adapter (a folder: ``adapter_config.json`` and its weights) into the
+    base weights it targets, as PEFT's ``merge_and_unload`` does; the naming, landing and
+    math rules are :mod:`ckptsurgeon.rules.lora`'s. Merged weights stay lazy: the base
+    weight and the adapter's factors are read when the result is written."""
+
+    op: Literal["merge_lora"] = "merge_lora"
+    adapter: str = Field(min_length=1, description="the PEFT adapter folder")
+    scale: float = Field(1.0, description="multiplies each module's LoRA scaling")
+
+    def describe_selector(self) -> str:
+        return f"adapter {self.adapter!r}"
+
+    def input_files(self, base_dir: str) -> list[str]:
+        from ckptsurgeon.formats.hub import local_path
+        from ckptsurgeon.paths import resolve
+
+        return [local_path(resolve(self.adapter, base_dir))]
+
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
+        from ckptsurgeon.formats.peft_adapter import open_adapter
+        from ckptsurgeon.paths import resolve
+        from ckptsurgeon.rules.lora import merge_adapter
+
+        adapter = open_adapter(resolve(self.adapter, ctx.base_dir or None))
+        return merge_adapter(table, adapter, self.scale, ctx.where)
+
+
 class _FromTarget(Op):
     """Ops that take fresh values from the target (its own initialisation, or ``init``)."""
 
@@ -670,6 +704,327 @@ class FillMissing(_FromTarget):
             else:
                 leaders[group] = name
         return copies
+
+
+# -- Several checkpoints: named sources (take, average); blockwise fp8 (dequantize) -------
+
+
+class FromSources(Op):
+    """Ops that read the rules file's named ``sources:`` (validation checks each name is
+    declared; ``Context.sources`` opens a source the first time it is asked for)."""
+
+    @abstractmethod
+    def source_names(self) -> list[str]:
+        """The names in ``sources:`` this op reads, in order."""
+
+    def _source(self, name: str, ctx: Context) -> Table:
+        if name not in ctx.sources:
+            from ckptsurgeon.errors import UsageError
+
+            raise UsageError(f"{ctx.where}: no source named {name!r} (declare it under sources:)")
+        return ctx.sources[name]
+
+
+@register
+class Take(FromSources):
+    """Bring the keys of source ``from`` that match ``pattern`` into the table, named
+    ``re.sub(pattern, replace, key)`` when ``replace`` is given. A name the table already
+    has is a collision (exit 1, naming both) unless ``overwrite: true``, which replaces the
+    table's tensor in place; new names are appended. Each taken key's plan entry reads
+    ``taken from <source>`` and lists ``<source>:<key>`` as its origin.
+
+    Stable Diffusion's EMA copy (``model_ema.<name without dots>``, in the same state dict
+    as the model) is read by declaring the file as a source with ``dotless: model_ema``:
+    that source then holds the EMA weights under the model's own names, so
+    ``{op: take, from: ema, pattern: '^model\\.diffusion_model\\.', overwrite: true}``
+    swaps them in (see :mod:`ckptsurgeon.formats.sd_ema`).
+    """
+
+    op: Literal["take"] = "take"
+    from_: str = Field(alias="from", min_length=1, description="a name in sources")
+    pattern: Pattern
+    replace: str | None = Field(None, description="rename template, as in rename")
+    overwrite: bool = Field(False, description="replace keys the table already has")
+
+    @model_validator(mode="after")
+    def _template_fits(self) -> Take:
+        if self.replace is not None:
+            check_template(self.pattern, self.replace)
+        return self
+
+    def source_names(self) -> list[str]:
+        return [self.from_]
+
+    def describe_selector(self) -> str:
+        return f"pattern {self.pattern!r} in source {self.from_!r}"
+
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
+        taken: dict[str, TensorRef] = {}
+        origin: dict[str, str] = {}
+        for key, ref in self._source(self.from_, ctx).items():
+            if not self.regex.search(key):
+                continue
+            new = key if self.replace is None else self.regex.sub(self.replace, key)
+            if new in taken:
+                raise FitError(
+                    f"{ctx.where}: {origin[new]!r} and {key!r} of source {self.from_!r} "
+                    f"both become {new!r}"
+                )
+            if new in table and not self.overwrite:
+                raise FitError(
+                    f"{ctx.where}: {key!r} of source {self.from_!r} becomes {new!r}, which "
+                    "the table already has (add overwrite: true to replace it)"
+                )
+            taken[new] = self._taken(ref, key, replacing=new in table)
+            origin[new] = key
+        out = {name: taken.get(name, ref) for name, ref in table.items()}
+        out.update({name: ref for name, ref in taken.items() if name not in table})
+        return out, len(taken)
+
+    def _taken(self, ref: TensorRef, key: str, replacing: bool) -> TensorRef:
+        from dataclasses import replace
+
+        detail = f"from {self.from_}" + (", replacing the table's" if replacing else "")
+        return replace(
+            ref,
+            sources=tuple(f"{self.from_}:{s}" for s in ref.sources or (key,)),
+            actions=(*ref.actions, Action("taken", detail)),
+        )
+
+
+@register
+class Average(FromSources):
+    """Each tensor (matching ``pattern``, else every one) becomes the weighted mean of
+    itself and the same-named tensors of the sources in ``from``: the table's tensor counts
+    first, so ``weights`` has 1 + len(from) entries (default: all equal), none negative and
+    not all zero; the mean is sum(w_i * x_i) / sum(w_i).
+
+    As timm's ``avg_checkpoints`` does, values are summed in float64 (one tensor at a time,
+    when the result is written), divided, and cast back, here to the table's dtype. Integer
+    and bool tensors (``num_batches_tracked``) keep the table's own value, where timm
+    would average them into floats. A key or shape a source lacks is exit 1.
+    """
+
+    op: Literal["average"] = "average"
+    from_: list[str] = Field(alias="from", min_length=1, description="names in sources")
+    weights: list[float] | None = Field(
+        None, description="one per input, the table first: 1 + len(from) entries"
+    )
+    pattern: Pattern | None = None
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> Average:
+        if len(set(self.from_)) != len(self.from_):
+            raise ValueError(f"from names a source twice: {self.from_}")
+        if self.weights is None:
+            return self
+        if len(self.weights) != 1 + len(self.from_):
+            raise ValueError(
+                f"weights has {len(self.weights)} entries; it needs 1 + {len(self.from_)} "
+                f"= {1 + len(self.from_)} (the table itself first, then each source in from)"
+            )
+        if any(not math.isfinite(w) or w < 0 for w in self.weights):
+            raise ValueError(f"weights must be finite and not negative: {self.weights}")
+        if not any(self.weights):
+            raise ValueError("weights are all zero: there is nothing to average")
+        return self
+
+    def source_names(self) -> list[str]:
+        return list(self.from_)
+
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
+        sources = [(name, self._source(name, ctx)) for name in self.from_]
+        weights = self.weights or [1.0] * (1 + len(self.from_))
+        shown = ", ".join(f"{w:g}" for w in weights) if self.weights else "equal"
+        action = Action("averaged", f"with {', '.join(self.from_)} (weights {shown})")
+        out: Table = {}
+        matched = 0
+        for name, ref in table.items():
+            if self.pattern is not None and not self.regex.search(name):
+                out[name] = ref
+                continue
+            matched += 1
+            parts = [_same_tensor(name, ref, src, source, ctx) for source, src in sources]
+            if ref.dtype.is_floating_point:
+                out[name] = _weighted_mean(ref, parts, weights, action)
+            else:
+                out[name] = ref.with_action(Action("kept", "(not a float: not averaged)"))
+        return out, matched
+
+
+def _same_tensor(name: str, ref: TensorRef, table: Table, source: str, ctx: Context) -> TensorRef:
+    """``table[name]``, which must have ``ref``'s shape; FitError naming both otherwise."""
+    other = table.get(name)
+    if other is None:
+        raise FitError(f"{ctx.where}: {name!r} is in the table but not in source {source!r}")
+    if other.shape != ref.shape:
+        raise FitError(
+            f"{ctx.where}: {name!r} is {list(ref.shape)} in the table but "
+            f"{list(other.shape)} in source {source!r}"
+        )
+    return other
+
+
+AVERAGE_CHUNK = 1 << 20  # elements averaged at a time when every input lies whole in a file
+
+
+def _weighted_mean(
+    first: TensorRef, others: list[TensorRef], weights: list[float], action: Action
+) -> TensorRef:
+    """A lazy ``sum(w_i * x_i) / sum(w)`` in float64, cast to ``first``'s dtype. Memory
+    does not grow with the number of inputs: when every input's bytes lie whole in a file
+    (safetensors) the sum runs over ``AVERAGE_CHUNK`` elements at a time, reading each
+    input's piece; otherwise only the accumulator and one input are held. Unit weights add
+    without multiplying, so equal weights give exactly timm's ``avg_checkpoints`` (sum,
+    then divide by the count); both ways round each element alike."""
+    from dataclasses import replace
+    from functools import partial
+
+    import torch
+
+    refs = [first, *others]
+    total = math.fsum(weights)
+
+    def mean_of(parts: Callable[[TensorRef], torch.Tensor]) -> torch.Tensor:
+        acc = parts(first).to(torch.float64, copy=True)
+        if weights[0] != 1.0:
+            acc.mul_(weights[0])
+        for ref, weight in zip(others, weights[1:], strict=True):
+            acc.add_(parts(ref), alpha=weight)
+        return acc.div_(total)
+
+    def mean() -> torch.Tensor:
+        if not all(r.span is not None and r.span.length == r.nbytes for r in refs):
+            return mean_of(lambda r: r.load()).to(first.dtype)
+        out = torch.empty(first.shape, dtype=first.dtype)
+        flat = out.view(-1)
+        for start in range(0, first.numel, AVERAGE_CHUNK):
+            count = min(AVERAGE_CHUNK, first.numel - start)
+            flat[start : start + count] = mean_of(partial(_elements, start=start, count=count))
+        return out
+
+    return replace(first, loader=mean, span=None, cast_from=None, actions=(*first.actions, action))
+
+
+def _elements(ref: TensorRef, start: int, count: int) -> torch.Tensor:
+    """Elements ``start`` to ``start + count`` of ``ref`` (flat), read from its file span."""
+    import torch
+
+    from ckptsurgeon.formats.spans import read_span
+
+    assert ref.span is not None
+    size = ref.dtype.itemsize
+    return torch.frombuffer(read_span(ref.span.sub(start * size, count * size)), dtype=ref.dtype)
+
+
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+
+
+@register
+class Dequantize(Op):
+    """Blockwise-scaled float8 weights (DeepSeek-V3's layout, also compressed-tensors'
+    fp8 ``block`` strategy) to ``dtype``, as DeepSeek's ``weight_dequant`` does.
+
+    Every float8 tensor matching ``pattern`` is dequantized (others are left alone, so
+    ``'\\.weight$'`` skips bf16 norms); its scale is the tensor named
+    ``re.sub(pattern, scale, key)``, e.g. ``'\\g<0>_scale_inv'`` -> ``…weight_scale_inv``.
+    With ``block`` [b0, b1] the scale has shape (ceil(rows / b0), ceil(cols / b1)) and
+    element (i, j) multiplies block (i, j) of the weight; edge blocks may be partial. A
+    scale with one element scales the whole tensor (per-tensor fp8). The product is taken
+    in float32, then cast to ``dtype``; it is computed one block-row at a time, when the
+    result is written. Scales used are dropped; a float8 weight without one is exit 1.
+    """
+
+    op: Literal["dequantize"] = "dequantize"
+    pattern: Pattern
+    scale: str = Field(min_length=1, description=r"scale name template, e.g. '\g<0>_scale_inv'")
+    block: list[PositiveInt] = Field(default_factory=lambda: [128, 128], min_length=1)
+    dtype: FloatDType = "bfloat16"
+
+    @model_validator(mode="after")
+    def _template_fits(self) -> Dequantize:
+        check_template(self.pattern, self.scale)
+        return self
+
+    def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
+        from ckptsurgeon.formats.table import dtype_name, parse_dtype
+
+        scale_of: dict[str, str] = {}
+        for name, ref in table.items():
+            if dtype_name(ref.dtype) in FP8_DTYPES and self.regex.search(name):
+                scale = self.regex.sub(self.scale, name, count=1)
+                if scale not in table or scale == name:
+                    raise FitError(f"{ctx.where}: float8 {name!r} has no scale tensor {scale!r}")
+                scale_of[name] = scale
+        scales = {s: w for w, s in scale_of.items()}
+        dtype = parse_dtype(self.dtype)
+        out: Table = {}
+        for name, ref in table.items():
+            if name in scale_of:
+                out[name] = self._dequantized(name, ref, table[scale_of[name]], dtype, ctx)
+            elif name not in scales:
+                out[name] = ref
+        ctx.dropped.update(
+            {s: f"{ctx.where}: the scale of {w!r}, folded into it" for s, w in scales.items()}
+        )
+        return out, len(scale_of)
+
+    def _dequantized(
+        self, name: str, ref: TensorRef, scale: TensorRef, dtype: torch.dtype, ctx: Context
+    ) -> TensorRef:
+        from ckptsurgeon.formats.table import TensorRef, dtype_name
+
+        shape = ref.shape
+        block = list(shape) if scale.numel == 1 else list(self.block)
+        if len(block) != len(shape):
+            raise FitError(
+                f"{ctx.where}: {name!r} {list(shape)} has {len(shape)} dims but block "
+                f"{self.block} has {len(self.block)}"
+            )
+        blocks = tuple(-(-size // max(b, 1)) for size, b in zip(shape, block, strict=True))
+        if scale.numel != 1 and scale.shape != blocks:
+            raise FitError(
+                f"{ctx.where}: scale of {name!r} {list(shape)} is {list(scale.shape)}; "
+                f"blocks of {self.block} need {list(blocks)}"
+            )
+
+        def load() -> torch.Tensor:
+            return _dequantize_blocks(ref.load(), scale.load().reshape(blocks), block, dtype)
+
+        return TensorRef(
+            shape=shape,
+            dtype=dtype,
+            loader=load,
+            sources=(*ref.sources, *scale.sources),
+            actions=(
+                *ref.actions,
+                Action(
+                    "dequantized",
+                    f"{dtype_name(ref.dtype)} to {dtype_name(dtype)} "
+                    f"(blocks {'x'.join(map(str, block))})",
+                ),
+            ),
+        )
+
+
+def _dequantize_blocks(
+    weight: torch.Tensor, scale: torch.Tensor, block: list[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """``weight * scale`` with each scale element spread over its block, in float32 and
+    cast to ``dtype``; one block-row at a time, so the float32 product never exists whole."""
+    import torch
+
+    if weight.dim() == 0:
+        return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
+    out = torch.empty(weight.shape, dtype=dtype)
+    rows = max(block[0], 1)
+    for i in range(scale.shape[0]):
+        part = weight[i * rows : (i + 1) * rows].to(torch.float32)
+        factor = scale[i : i + 1].to(torch.float32)
+        for dim in range(1, weight.dim()):
+            factor = factor.repeat_interleave(block[dim], dim).narrow(dim, 0, weight.shape[dim])
+        out[i * rows : (i + 1) * rows] = part.mul_(factor)
+    return out
 
 
 def _op_union() -> Any:
