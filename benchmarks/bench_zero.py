@@ -54,12 +54,14 @@ def model_shape(size_gib: float) -> tuple[int, int]:
 def save_zero3(folder: Path, size_gib: float) -> Path:
     """A ZeRO-3 checkpoint of about ``size_gib`` GiB of fp32 weights, saved by two ranks."""
     width, layers = model_shape(size_gib)
-    subprocess.run(
+    proc = subprocess.run(
         [*TORCHRUN, str(REPO / "tests" / "zero_save.py"), str(folder), "--stages", "3",
          "--width", str(width), "--layers", str(layers), "--steps", "1"],
-        check=True, capture_output=True,
+        capture_output=True, text=True,
         env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"DeepSpeed could not save {size_gib} GiB here:\n{proc.stderr[-3000:]}")
     return folder / "zero3"
 
 
@@ -132,8 +134,9 @@ def bench(zero: Path, work: Path, rounds: int) -> dict[str, float]:
     for out in outs.values():
         clear(out)
     rounded = {k: [round(x, 2) for x in v] for k, v in walls.items()}
-    print(f"{weight_bytes(zero) / GiB:.2f} GiB: seconds per round {rounded}; "
-          f"{tensors} tensors equal bit for bit", flush=True)  # fmt: skip
+    peaks = {k: round(v / MiB) for k, v in rss.items()}
+    print(f"{weight_bytes(zero) / GiB:.2f} GiB: seconds per round {rounded}; peak RSS MiB "
+          f"{peaks}; {tensors} tensors equal bit for bit", flush=True)  # fmt: skip
     return {
         "bytes": weight_bytes(zero),
         **{f"{k}_s": statistics.median(v) for k, v in walls.items()},
