@@ -310,7 +310,21 @@ def apply(
             weights=report.written.path, read=ReadOptions(), log=_log_for(as_json)
         )
     if launch().main:
-        _emit_report(report.to_dict(), as_json, report_path, show=as_json)
+        out = report.to_dict()
+        if dry_run and job.document.finetune is not None and not no_finetune:
+            out["finetune_plan"] = _show_finetune_plan(job, as_json or quiet)
+        _emit_report(out, as_json, report_path, show=as_json)
+
+
+def _show_finetune_plan(job: Job, silent: bool) -> dict[str, Any]:
+    """The freeze and phases the finetune: section will train (a strategy's expansion),
+    printed unless ``silent``; returned as data for --json."""
+    from ckptsurgeon.finetune.strategy import format_plan
+
+    plan = job.finetune_plan()
+    if not silent:
+        click.echo(format_plan(plan), nl=False)
+    return plan
 
 
 def _apply_write(
@@ -618,6 +632,9 @@ def env(as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the last completed epoch.")
 @click.option("--weights", default=None, help="Start from these weights (default: the file's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the freeze and phases it would train; train nothing."
+)
 @source_options
 @handle_errors
 def finetune(
@@ -625,6 +642,7 @@ def finetune(
     resume: bool,
     weights: str | None,
     as_json: bool,
+    dry_run: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
@@ -632,6 +650,11 @@ def finetune(
     from ckptsurgeon.job import Job, ReadOptions
 
     job = Job.from_file(config, read=ReadOptions(key, allow_globals))
+    if dry_run:
+        plan = _show_finetune_plan(job, as_json)
+        if as_json:
+            _print_json(plan)
+        return
     summary = job.finetune(weights=weights, resume=resume, log=_log_for(as_json))
     if as_json:
         _print_json(summary)

@@ -434,6 +434,7 @@ class Job:
             resume=resume,
             log=log,
             source=weights or model_spec,
+            fresh=lambda: build_model(model_spec, kwargs, self.base_dir, device="cpu"),
         )
 
     def _finetune_model(self) -> tuple[FinetuneSpec, str, dict[str, Any]]:
@@ -451,6 +452,16 @@ class Job:
             else (target.kwargs if target and target.model == model_spec else {})
         )
         return spec, model_spec, kwargs
+
+    def finetune_plan(self) -> dict[str, Any]:
+        """What the ``finetune:`` section will train, without training (``--dry-run``): its
+        freeze and phases, or the expansion of its ``strategy:`` on the model (built with
+        its own initialisation; the layout needs no weights)."""
+        from ckptsurgeon.finetune.strategy import plan
+        from ckptsurgeon.targets.models import build_model
+
+        spec, model_spec, kwargs = self._finetune_model()
+        return plan(spec, build_model(model_spec, kwargs, self.base_dir, device="cpu"))
 
 
 def _quiet(message: str) -> None:

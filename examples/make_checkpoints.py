@@ -140,13 +140,8 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
     return x[:half], y[:half], x[half:], y[half:]
 
 
-def pretrain_digits(x: torch.Tensor, y: torch.Tensor, epochs: int = 15, seed: int = 0):
-    """Train the digits CNN on all 10 classes (the "pretrained backbone")."""
-    sys.path.insert(0, str(HERE.parent / "rules"))
-    from models import digits_cnn
-
-    torch.manual_seed(seed)
-    model = digits_cnn(num_classes=10)
+def pretrain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int):
+    """Train ``model`` on (x, y) with plain SGD (the "pretrained backbone"); returns it."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(epochs):
         for idx in torch.randperm(len(y)).split(64):
@@ -155,6 +150,15 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, epochs: int = 15, seed: in
             loss.backward()
             optimizer.step()
     return model
+
+
+def pretrain_digits(x: torch.Tensor, y: torch.Tensor, epochs: int = 15, seed: int = 0):
+    """Train the digits CNN on all 10 classes (the "pretrained backbone")."""
+    sys.path.insert(0, str(HERE.parent / "rules"))
+    from models import digits_cnn
+
+    torch.manual_seed(seed)
+    return pretrain(digits_cnn(num_classes=10), x, y, epochs)
 
 
 def digits(folder: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import torch
@@ -78,7 +79,49 @@ def build_dataset(spec: DataSpec, base_dir: str) -> Dataset:
             f"data factory {spec.factory} returned {type(dataset).__name__}, "
             "not a map-style torch Dataset"
         )
+    module_part, _, attr = spec.factory.rpartition(":")
+    if module_part.endswith(".py"):  # a package module is importable by name already
+        return FileFactoryDataset(dataset, f"{resolve(module_part, base_dir)}:{attr}")
     return dataset
+
+
+class FileFactoryDataset(Dataset):
+    """A dataset a ``file.py:callable`` factory made, which DataLoader workers can unpickle.
+
+    The file is imported under a name of its own (``ckptsurgeon_user_<digest>``), which is
+    no importable module: a worker started with ``spawn`` or ``forkserver`` that unpickles
+    the dataset cannot find its class. Pickled, this wrapper carries the factory's absolute
+    ``file.py:callable`` and the dataset's own pickle; unpickling imports the file again
+    under the same name first (:func:`_rebuild`). Reading it is reading the dataset: items,
+    length and any other attribute (``targets``) pass through."""
+
+    def __init__(self, dataset: Any, factory: str) -> None:
+        self.dataset = dataset
+        self.factory = factory  # absolute file path, so a worker's working folder is moot
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what the wrapper lacks; "dataset" itself is looked up in
+        # __dict__, so a half-built instance raises instead of recursing.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, bytes]]:
+        return _rebuild, (self.factory, pickle.dumps(self.dataset))
+
+
+def _rebuild(factory: str, payload: bytes) -> FileFactoryDataset:
+    """Import the factory's file under its stable name, then unpickle the dataset."""
+    from ckptsurgeon.targets.models import load_callable
+
+    load_callable(factory)
+    return FileFactoryDataset(pickle.loads(payload), factory)
 
 
 def is_deterministic(spec: DataSpec) -> bool:

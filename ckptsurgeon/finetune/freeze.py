@@ -110,6 +110,22 @@ def set_frozen(model: nn.Module, backbone: set[str], frozen: bool, train_bn: boo
 MIN_STACK = 4
 
 
+def main_stack(model: nn.Module) -> list[str] | None:
+    """The entries (module paths) of the model's main stack, as :func:`block_of` defines
+    it, or None when it has none."""
+    total = sum(p.numel() for p in model.parameters())
+    stacks = [
+        (sum(p.numel() for p in m.parameters()), name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= MIN_STACK
+    ]
+    big = max(stacks, key=lambda s: s[0], default=None)
+    if big is None or 2 * big[0] < total:
+        return None
+    _, stack, module = big
+    return [f"{stack}.{c}" if stack else c for c, _ in module.named_children()]
+
+
 def block_of(model: nn.Module) -> dict[str, int]:
     """Each parameter's block, counted from the input, for layer-wise LR decay.
 
@@ -121,16 +137,8 @@ def block_of(model: nn.Module) -> dict[str, int]:
     ResNet: conv1, bn1, layer1 ... layer4, fc); parameters of the model itself join the
     block of the child that follows them."""
     params = dict(model.named_parameters())
-    total = sum(p.numel() for p in params.values())
-    stacks = [
-        (sum(p.numel() for p in m.parameters()), name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= MIN_STACK
-    ]
-    big = max(stacks, key=lambda s: s[0], default=None)
-    if big is not None and 2 * big[0] >= total:
-        _, stack, module = big
-        entries = [f"{stack}.{c}" if stack else c for c, _ in module.named_children()]
+    entries = main_stack(model)
+    if entries is not None:
         out, after = {}, False
         for name in params:
             inside = next((i for i, e in enumerate(entries) if _under(name, e)), None)

@@ -1,8 +1,9 @@
 """The fine-tune recipe, top to bottom: freeze, build the optimizer per phase, train, resume.
 
-:func:`run_finetune` reads as the recipe: :func:`setup` (device, datasets, backbone),
-:func:`resume_from` under ``--resume``, :func:`train` (every phase, set up by
-:func:`setup_phase`, and its epochs), :func:`summarize`. The building blocks before them
+:func:`run_finetune` reads as the recipe: :func:`make_runtime` (device, process group),
+:func:`setup` (datasets, backbone), :func:`resume_from` under ``--resume``,
+:func:`resolve_strategy` (a ``strategy:``'s freeze and phases), :func:`train` (every phase,
+set up by :func:`setup_phase`, and its epochs), :func:`summarize`. The building blocks before them
 (runtime, optimizer groups, LR schedule, loaders, one training epoch, evaluation) stand on
 their own; ``benchmarks/gpu_bench.py`` drives some of them directly. What ``--resume``
 reads back is a :class:`~ckptsurgeon.finetune.state.TrainingState`.
@@ -15,6 +16,7 @@ wrapper after the frozen set changes, which avoids the classic staged-unfreeze b
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -34,7 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from ckptsurgeon.errors import UsageError
-from ckptsurgeon.finetune import features
+from ckptsurgeon.finetune import features, probe
+from ckptsurgeon.finetune import strategy as strategies
 from ckptsurgeon.finetune.data import build_dataset, is_deterministic
 from ckptsurgeon.finetune.freeze import (
     backbone_names,
@@ -381,10 +384,11 @@ class PhaseRun:
     cached: bool
 
 
-def setup(spec: FinetuneSpec, model: nn.Module, *, base_dir: str, log: Log, source: str) -> Run:
-    """Pick the device (joining the process group under torchrun), seed, make the output
-    folder (rank 0), build the datasets, move ``model`` to the device, find its backbone."""
-    rt = make_runtime(spec)
+def setup(
+    spec: FinetuneSpec, model: nn.Module, rt: Runtime, *, base_dir: str, log: Log, source: str
+) -> Run:
+    """Seed, make the output folder (rank 0), build the datasets, move ``model`` to the
+    device ``rt`` (:func:`make_runtime`) trains on, find its backbone."""
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     output_dir = (
@@ -424,6 +428,109 @@ def resume_from(run: Run) -> TrainingState:
     h = saved.history
     run.log(f"resuming after epoch {h.global_epoch} (phase {h.phase + 1})")
     return saved
+
+
+def resolve_strategy(
+    run: Run, history: History, *, resumed: bool, fresh: Callable[[], nn.Module] | None
+) -> None:
+    """With ``strategy:``, replace the run's freeze and phases by the strategy's expansion
+    (:mod:`ckptsurgeon.finetune.strategy`), measuring first for ``auto``
+    (:mod:`ckptsurgeon.finetune.probe`), and keep the choice in ``history.strategy``.
+
+    A resumed run takes the choice its state recorded and re-derives the expansion from
+    it; one that comes out different (the rules file changed) is refused. ``scratch``
+    re-initialises the model (``fresh`` builds a new one, else every module's
+    ``reset_parameters``), except on resume, where the state's weights are the run's own."""
+    spec = run.spec
+    if spec.strategy is None:
+        return
+    assert spec.epochs is not None and spec.lr is not None  # the rules validate it
+    lay = strategies.layout(run.model, spec.freeze)
+    recorded = history.strategy
+    record: dict[str, Any] = {"strategy": spec.strategy, "layout": lay.to_dict()}
+    if recorded is not None:
+        if recorded.get("strategy") != spec.strategy:
+            raise UsageError(
+                f"--resume: the run began with strategy {recorded.get('strategy')}, the rules "
+                f"file now says {spec.strategy}"
+            )
+        name, depth = recorded["chosen"], recorded.get("freeze_depth")
+        record = recorded
+    elif resumed:
+        raise UsageError(
+            "--resume: the saved state records no strategy (was the rules file changed?)"
+        )
+    elif spec.strategy == "auto":
+        choice = probe.measure(
+            run.model,
+            run.train_set,
+            lay,
+            spec,
+            run.rt,
+            untrained=lambda: untrained_copy(run.model, fresh, spec.seed).to(run.rt.device),
+        )
+        run.log(f"strategy auto: {choice.reason} (measured in {choice.seconds:.2f} s)")
+        for score in choice.measurements.get("probe", []):
+            run.log(
+                f"  probe {score['depth']} ({score['dim']} features): held-out accuracy "
+                f"{score['accuracy']:.3f}, chance-corrected {score['separability']:.3f}"
+            )
+        name, depth = choice.strategy, choice.freeze_depth
+        record.update(choice.to_dict())
+    else:
+        name, depth = spec.strategy, spec.freeze_depth
+        record.update(chosen=name, reason="set in the rules file")
+    expansion = strategies.expand(
+        name, spec.epochs, spec.lr, lay, freeze_depth=depth, train_bn=spec.freeze.train_bn
+    )
+    derived = expansion.to_dict()
+    if recorded is not None and recorded.get("expansion") != derived:
+        raise UsageError(
+            f"--resume: strategy {spec.strategy} now expands differently than when the run "
+            "began (were epochs, lr or the model changed?)"
+        )
+    record.update(freeze_depth=expansion.freeze_depth, expansion=derived)
+    history.strategy = record
+    if expansion.reinitialise and not resumed:
+        _reinitialise(run.model, fresh, spec.seed)
+    run.spec = expansion.spec(spec)
+    run.backbone = backbone_names(run.model, run.spec.freeze)
+    run.log(
+        f"strategy {spec.strategy}: {name}, "
+        + "; ".join(_phase_summary(p) for p in expansion.phases)
+        + (" (model re-initialised)" if expansion.reinitialise and not resumed else "")
+    )
+
+
+def _phase_summary(p: PhaseSpec) -> str:
+    what = (
+        "all layers"
+        if not p.frozen
+        else "head" + (f" + {', '.join(p.unfreeze)}" if p.unfreeze else "")
+    )
+    scale = f", backbone x{p.backbone_lr_scale:g}" if p.backbone_lr_scale != 1 else ""
+    return f"{p.epochs} epochs {what} at lr {p.lr:g}{scale}"
+
+
+def untrained_copy(model: nn.Module, fresh: Callable[[], nn.Module] | None, seed: int) -> nn.Module:
+    """``model``'s architecture with fresh weights, as training from scratch starts from:
+    a newly built model (its constructor's own initialisation), else a copy whose modules'
+    ``reset_parameters`` ran. Seeded with ``seed``, without moving the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if fresh is not None:
+            return fresh()
+        new = copy.deepcopy(model)
+        for module in new.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        return new
+
+
+def _reinitialise(model: nn.Module, fresh: Callable[[], nn.Module] | None, seed: int) -> None:
+    """Replace ``model``'s weights by :func:`untrained_copy`'s, in place."""
+    model.load_state_dict(untrained_copy(model, fresh, seed).state_dict())
 
 
 def setup_phase(run: Run, index: int) -> PhaseRun:
@@ -567,6 +674,8 @@ def summarize(run: Run, history: History, seconds: float) -> dict[str, Any]:
         "world_size": rt.world,
         "output_dir": run.output_dir,
     }
+    if history.strategy is not None:
+        summary["strategy"] = history.strategy
     if rt.main:
         with open(os.path.join(run.output_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -584,17 +693,33 @@ def run_finetune(
     resume: bool = False,
     log: Log = _log,
     source: str = "",
+    fresh: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (weights already loaded) as ``spec`` says; returns the summary.
 
-    ``source`` names what the weights came from; ``last``/``best.safetensors`` record it."""
-    run = setup(spec, model, base_dir=base_dir, log=log, source=source)
-    saved = resume_from(run) if resume else None
-    history = saved.history if saved is not None else History()
-    started = time.perf_counter()
+    ``source`` names what the weights came from; ``last``/``best.safetensors`` record it.
+    ``fresh`` builds the model anew, for ``strategy: scratch`` (see :func:`resolve_strategy`).
+    """
+    begun = time.perf_counter()
+    rt = make_runtime(spec)
+    # Everything after joining the process group is inside the try: a run that fails in
+    # setup or in its strategy still ends the group it started.
     try:
+        run = setup(spec, model, rt, base_dir=base_dir, log=log, source=source)
+        saved = resume_from(run) if resume else None
+        history = saved.history if saved is not None else History()
+        measured = spec.strategy == "auto" and history.strategy is None
+        resolve_strategy(run, history, resumed=saved is not None, fresh=fresh)
+        started = time.perf_counter()
         train(run, history, saved)
+        if measured and history.strategy is not None:
+            # The measurement's cost against the whole run, setup and measurement included.
+            run_seconds = time.perf_counter() - begun
+            history.strategy["run_seconds"] = round(run_seconds, 3)
+            history.strategy["measure_fraction"] = probe.fraction(
+                history.strategy["measure_seconds"], run_seconds
+            )
         return summarize(run, history, time.perf_counter() - started)
     finally:
-        if run.rt.owns_group and dist.is_initialized():
+        if rt.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -33,6 +33,9 @@ class History:
     global_epoch: int = 0
     best_score: float = -math.inf
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    # With a strategy: what it expanded into and, for auto, the choice and its numbers;
+    # a resumed run trains this record instead of measuring again.
+    strategy: dict[str, Any] | None = None
 
 
 @dataclass
@@ -94,6 +97,7 @@ class TrainingState:
                 "global_epoch": h.global_epoch,
                 "best_score": h.best_score,
                 "metrics": json.dumps(h.metrics),
+                "strategy": json.dumps(h.strategy),
             },
         }
         with atomic_path(path, is_dir=False) as tmp, open(tmp, "wb") as f:
@@ -121,6 +125,7 @@ class TrainingState:
                     h["global_epoch"],
                     h["best_score"],
                     json.loads(h["metrics"]),
+                    json.loads(h.get("strategy", "null")),  # absent in older state files
                 ),
             )
         except Exception as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ckptsurgeon.rules.config import Pattern, Strict
 
@@ -102,15 +102,33 @@ class OptimizerSpec(Strict):
     )
 
 
+Strategy = Literal["head_only", "partial", "full", "scratch", "auto"]
+
+
 class FinetuneSpec(Strict):
-    """A frozen-backbone fine-tune (see SPEC.md, "Fine-tune section")."""
+    """A fine-tune (see SPEC.md, "Fine-tune section"): ``freeze`` and ``phases`` given, or a
+    ``strategy`` with its budget (``epochs``, ``lr``) that expands into them at run time
+    (:mod:`ckptsurgeon.finetune.strategy`; ``--dry-run`` prints the expansion)."""
 
     model: str | None = Field(None, description="defaults to target.model")
     kwargs: dict[str, Any] | None = Field(None, description="defaults to target.kwargs")
     weights: str | None = Field(None, description="default: the checkpoint apply just wrote")
     data: DataSection
+    # Declared before freeze and phases: their validators read it.
+    strategy: Strategy | None = Field(
+        None,
+        description="head_only | partial | full | scratch | auto, instead of freeze + phases",
+    )
+    epochs: int | None = Field(None, gt=0, description="with a strategy: the total epochs")
+    lr: float | None = Field(None, gt=0, description="with a strategy: the head's LR")
+    freeze_depth: int | None = Field(
+        None,
+        ge=0,
+        description="with strategy: partial, how many backbone blocks (from the input) stay "
+        "frozen; default: half of them",
+    )
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
-    phases: list[PhaseSpec] = Field(min_length=1)
+    phases: list[PhaseSpec] = Field(default_factory=list)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     batch_size: int = Field(64, gt=0)
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
@@ -119,6 +137,55 @@ class FinetuneSpec(Strict):
     output_dir: str = "runs/finetune"
     seed: int = 0
     grad_clip: float | None = Field(None, gt=0)
+
+    @field_validator("freeze")
+    @classmethod
+    def _strategy_chooses_the_freeze(cls, v: FreezeSpec, info: ValidationInfo) -> FreezeSpec:
+        strategy = info.data.get("strategy")
+        if strategy and (v.modules or v.patterns or v.first_children is not None):
+            raise ValueError(
+                f"strategy: {strategy} chooses what is frozen; with a strategy, freeze takes "
+                "only except (the head, never frozen) and train_bn"
+            )
+        return v
+
+    @field_validator("phases")
+    @classmethod
+    def _strategy_makes_the_phases(
+        cls, v: list[PhaseSpec], info: ValidationInfo
+    ) -> list[PhaseSpec]:
+        strategy = info.data.get("strategy")
+        if strategy and v:
+            raise ValueError(
+                f"strategy: {strategy} expands into its own phases; give either phases, or "
+                "a strategy with epochs and lr (--dry-run prints the expansion)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _phases_or_a_strategy(self) -> FinetuneSpec:
+        if self.strategy is None:
+            budget = [k for k in ("epochs", "lr", "freeze_depth") if getattr(self, k) is not None]
+            if budget:
+                raise ValueError(
+                    f"{', '.join(budget)}: a strategy's budget; without a strategy, each phase "
+                    "gives its own epochs and lr"
+                )
+            if not self.phases:
+                raise ValueError("give phases, or a strategy with epochs and lr")
+            return self
+        missing = [k for k in ("epochs", "lr") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(
+                f"strategy: {self.strategy} needs {' and '.join(missing)} (the total epochs and "
+                "the head's LR, which the strategy splits into phases)"
+            )
+        if self.freeze_depth is not None and self.strategy != "partial":
+            raise ValueError(
+                f"freeze_depth goes with strategy: partial (strategy: {self.strategy} "
+                + ("measures it" if self.strategy == "auto" else "freezes no depth") + ")"
+            )
+        return self
 
     @model_validator(mode="after")
     def _something_to_freeze(self) -> FinetuneSpec:
