@@ -308,6 +308,38 @@ def test_two_processes_with_torchrun(data: Path) -> None:
     assert "destroy_process_group" not in proc.stderr  # the runner ends the group it started
 
 
+def test_a_run_that_fails_under_torchrun_still_ends_its_group(data: Path) -> None:
+    """A run that fails after joining the process group (here: its data file is missing)
+    leaves no group behind, so the caller can go on or train again in the same process."""
+    script = data / "fail.py"
+    script.write_text(f"""\
+import sys
+import torch.distributed as dist
+sys.path.insert(0, {str(REPO / "rules")!r})
+from models import digits_cnn
+from ckptsurgeon.errors import CkptSurgeonError
+from ckptsurgeon.finetune.runner import run_finetune
+from ckptsurgeon.rules.finetune import FinetuneSpec
+spec = FinetuneSpec.model_validate({{
+    "data": {{"train": {{"tensors": "missing.safetensors"}}}},
+    "phases": [{{"epochs": 1, "frozen": False, "lr": 0.1}}],
+    "output_dir": "run",
+}})
+try:
+    run_finetune(spec, digits_cnn(2), base_dir={str(data)!r}, log=lambda *_: None)
+except CkptSurgeonError as exc:
+    # one write per rank, so the two lines do not interleave
+    print(f"failed: {{type(exc).__name__}} group left: {{dist.is_initialized()}}", flush=True)
+""")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("failed: InputError group left: False") == 2, proc.stdout
+
+
 @pytest.mark.parametrize("size", [7, 8, 1])
 def test_evaluation_under_several_ranks_counts_each_sample_once(size: int) -> None:
     """DistributedSampler pads every rank to the same length (repeating samples); the
