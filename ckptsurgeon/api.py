@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ckptsurgeon.engine.load import load_into
+from ckptsurgeon.engine.ranks import on_rank_zero
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.atomic import refuse_overwriting_inputs
 from ckptsurgeon.formats.prehash import SourceDigests
@@ -57,6 +58,7 @@ def save(
     )
 
 
+@on_rank_zero
 def convert(
     source: str,
     output: str,
@@ -76,39 +78,6 @@ def convert(
 
     Under torchrun rank 0 converts while the other ranks wait, and every rank returns what
     rank 0 wrote (see :mod:`ckptsurgeon.engine.ranks`)."""
-    from ckptsurgeon.engine.ranks import rank_zero_first
-
-    with rank_zero_first() as gate:
-        if gate.writes:
-            gate.result = _convert(
-                source,
-                output,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                key=key,
-                allow_globals=allow_globals,
-                progress=progress,
-                durable=durable,
-                prehashed=prehashed,
-                format=format,
-            )
-    return gate.result
-
-
-def _convert(
-    source: str,
-    output: str,
-    *,
-    dtype: str | None,
-    max_shard_size: str | int | None,
-    key: str | None,
-    allow_globals: Iterable[str],
-    progress: Progress | None,
-    durable: bool,
-    prehashed: SourceDigests | None,
-    format: str | None,
-) -> WriteResult:
-    """:func:`convert` on one rank."""
     ckpt = open_checkpoint(source, key, allow_globals)
     refuse_overwriting_inputs(output, [source, *ckpt.files])
     table = ckpt.tensors

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ckptsurgeon.engine.ranks import on_rank_zero
 from ckptsurgeon.errors import CkptSurgeonError
 
 if TYPE_CHECKING:
@@ -291,18 +292,15 @@ def apply(
 ) -> None:
     """Load, rewrite by the rules, check against the target, write. Under torchrun rank 0
     writes and reports; the other ranks wait for it, then fine-tune with it."""
-    from ckptsurgeon.engine.ranks import launch, rank_zero_first
+    from ckptsurgeon.engine.ranks import launch
     from ckptsurgeon.job import Job, ReadOptions
 
     job = Job.from_file(
         rules_file, source=source, output=output, read=ReadOptions(key, allow_globals)
     )
-    with rank_zero_first() as gate:
-        if gate.writes:
-            gate.result = _apply_write(
-                job, dry_run, as_json, report_path, quiet, verbose, no_fsync, skip_up_to_date
-            )
-    report = gate.result
+    report = _apply_write(
+        job, dry_run, as_json, report_path, quiet, verbose, no_fsync, skip_up_to_date
+    )
     if report is None:  # up to date: nothing to do
         return
     if report.written is not None and job.document.finetune is not None and not no_finetune:
@@ -327,6 +325,7 @@ def _show_finetune_plan(job: Job, silent: bool) -> dict[str, Any]:
     return plan
 
 
+@on_rank_zero
 def _apply_write(
     job: Job,
     dry_run: bool,
@@ -337,8 +336,8 @@ def _apply_write(
     no_fsync: bool,
     skip_up_to_date: bool,
 ) -> ApplyReport | None:
-    """``apply`` up to the fine-tune, on one rank: the report, or None when the output was
-    up to date (then said so, and its report written)."""
+    """``apply`` up to the fine-tune, on rank 0 (the others receive its result): the
+    report, or None when the output was up to date (then said so, and its report written)."""
     from ckptsurgeon.job import WriteOptions
 
     if skip_up_to_date and not dry_run and job.up_to_date():  # headers and stat: no torch

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckptsurgeon.engine.ranks import on_rank_zero
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.hub import local_path
 from ckptsurgeon.paths import resolve, rules_folder, within
@@ -250,20 +251,16 @@ class Job:
         Under torchrun rank 0 plans and writes while the other ranks wait; then every rank
         holds rank 0's report and fine-tunes (see :mod:`ckptsurgeon.engine.ranks`).
         """
-        from ckptsurgeon.engine.ranks import rank_zero_first
-
-        with rank_zero_first() as gate:
-            if gate.writes:
-                gate.result = self._write(dry_run=dry_run, write=write, report_path=report_path)
-        report: ApplyReport = gate.result
+        report = self._write(dry_run=dry_run, write=write, report_path=report_path)
         if finetune and report.written is not None and self.document.finetune is not None:
             report.finetune = self.finetune(
                 weights=report.written.path, read=ReadOptions(), log=log
             )
         return report
 
+    @on_rank_zero
     def _write(self, *, dry_run: bool, write: WriteOptions, report_path: str | None) -> ApplyReport:
-        """:meth:`run` on one rank, without the fine-tune."""
+        """:meth:`run` without the fine-tune, on rank 0 (the others receive its report)."""
         from ckptsurgeon.engine.plan import PlanFailed
         from ckptsurgeon.engine.report import Written
         from ckptsurgeon.engine.uptodate import RECORD_KEY
@@ -331,7 +328,7 @@ class Job:
         carries along (``output.copy_extras``); None when the output is not a folder or
         the document turns it off. Checked here, before anything is written."""
         from ckptsurgeon.formats.hf_folder import extras_in
-        from ckptsurgeon.formats.writer import output_kind
+        from ckptsurgeon.formats.kinds import output_kind
 
         if plan.output is None or not self.document.output_spec.copy_extras:
             return None

@@ -25,12 +25,13 @@ through a gloo subgroup of it, destroyed after. No torch import until it is need
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from ckptsurgeon.errors import CkptSurgeonError
 
@@ -119,6 +120,24 @@ def rank_zero_first() -> Iterator[Gate]:
             channel.send(INTERNAL_ERROR, f"the result does not pickle: {exc}", b"")
             raise
         channel.send(0, "", payload)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def on_rank_zero(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run in :func:`rank_zero_first`: on rank 0 only, and every rank returns rank
+    0's result (or fails with its exit code). What ``apply`` and ``convert`` write with."""
+
+    @functools.wraps(fn)
+    def gated(*args: P.args, **kwargs: P.kwargs) -> R:
+        with rank_zero_first() as gate:
+            if gate.writes:
+                gate.result = fn(*args, **kwargs)
+        return gate.result
+
+    return gated
 
 
 Message = tuple[int, str, bytes]  # exit code, first line of the error, pickled result

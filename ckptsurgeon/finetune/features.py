@@ -38,7 +38,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module] | str:
     """The one module that owns every trainable parameter, or why there is none."""
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     owners = {n.rpartition(".")[0] for n in trainable}
-    common = owners.pop() if len(owners) == 1 else _common_prefix(trainable)
+    common = owners.pop() if len(owners) == 1 else common_prefix(trainable)
     if not common:
         return "the trainable parameters are not inside one submodule"
     head = model.get_submodule(common)
@@ -47,7 +47,8 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module] | str:
     return common, head
 
 
-def _common_prefix(names: list[str]) -> str:
+def common_prefix(names: list[str]) -> str:
+    """The longest module path that holds every parameter in ``names`` ("" for none)."""
     parts = [n.split(".")[:-1] for n in names]
     prefix: list[str] = []
     for segment in zip(*parts, strict=False):

@@ -19,7 +19,8 @@ from ckptsurgeon.rules.finetune import FreezeSpec
 _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm,)
 
 
-def _under(name: str, prefix: str) -> bool:
+def under(name: str, prefix: str) -> bool:
+    """Whether parameter or module ``name`` is ``prefix`` or lies inside it."""
     return name == prefix or name.startswith(prefix + ".")
 
 
@@ -45,7 +46,7 @@ def backbone_names(model: nn.Module, spec: FreezeSpec) -> set[str]:
     excepts = [re.compile(p) for p in spec.except_]
     selected = {
         n for n in names
-        if any(_under(n, p) for p in prefixes) or any(r.search(n) for r in patterns)
+        if any(under(n, p) for p in prefixes) or any(r.search(n) for r in patterns)
     }  # fmt: skip
     return {n for n in selected if not any(r.search(n) for r in excepts)}
 
@@ -61,7 +62,7 @@ def unfrozen_names(
     for selector in selectors:
         try:
             model.get_submodule(selector)
-            found = {n for n in names if _under(n, selector)}
+            found = {n for n in names if under(n, selector)}
         except AttributeError:
             found = {n for n in names if re.search(selector, n)}
         if not found:
@@ -141,7 +142,7 @@ def block_of(model: nn.Module) -> dict[str, int]:
     if entries is not None:
         out, after = {}, False
         for name in params:
-            inside = next((i for i, e in enumerate(entries) if _under(name, e)), None)
+            inside = next((i for i, e in enumerate(entries) if under(name, e)), None)
             if inside is not None:
                 out[name], after = inside + 1, True
             else:
@@ -150,7 +151,7 @@ def block_of(model: nn.Module) -> dict[str, int]:
     children = [c for c, m in model.named_children() if any(True for _ in m.parameters())]
     out = {}
     for name in params:
-        found = next((i for i, c in enumerate(children) if _under(name, c)), None)
+        found = next((i for i, c in enumerate(children) if under(name, c)), None)
         out[name] = found if found is not None else 0
     return out
 

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from ckptsurgeon.errors import UsageError
-from ckptsurgeon.finetune.freeze import _under, main_stack
+from ckptsurgeon.finetune.freeze import main_stack, under
 from ckptsurgeon.rules.finetune import FreezeSpec
 
 # The decision table: (examples per class, domain) -> the strategy for that case.
@@ -54,7 +54,7 @@ def _block_selector(model: nn.Module, name: str, entries: list[str], stack: str 
     """The block a parameter is in: its stack entry, else the largest module holding it
     that does not also hold the stack, else the parameter itself."""
     for entry in entries:
-        if _under(name, entry):
+        if under(name, entry):
             return entry
     parts = name.split(".")
     for i in range(1, len(parts)):

@@ -34,6 +34,7 @@ the README shows how they fare there. Set ``strategy:`` explicitly where you kno
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -44,7 +45,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ckptsurgeon.finetune.freeze import _under
+from ckptsurgeon.finetune.features import common_prefix
+from ckptsurgeon.finetune.freeze import under
 from ckptsurgeon.finetune.layout import CASES, Layout, default_depth
 from ckptsurgeon.finetune.outputs import model_output, to_device
 
@@ -155,22 +157,12 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 def head_module(model: nn.Module, lay: Layout) -> nn.Module | None:
     """The module holding the head's parameters, when one does."""
-    import re
-
     rx = [re.compile(h) for h in lay.head]
     names = [n for n, _ in model.named_parameters() if any(r.search(n) for r in rx)]
-    if not names:
+    path = common_prefix(names) if names else ""
+    if not path:
         return None
-    parts = [n.split(".")[:-1] for n in names]
-    common: list[str] = []
-    for segment in zip(*parts, strict=False):
-        if len(set(segment)) != 1:
-            break
-        common.append(segment[0])
-    if not common:
-        return None
-    path = ".".join(common)
-    every = [n for n, _ in model.named_parameters() if _under(n, path)]
+    every = [n for n, _ in model.named_parameters() if under(n, path)]
     return model.get_submodule(path) if set(every) == set(names) else None
 
 

@@ -23,7 +23,7 @@ import torch
 from ckptsurgeon.errors import InputError
 from ckptsurgeon.formats.checkpoint import GGUF_MAGIC, Checkpoint
 from ckptsurgeon.formats.safetensors_header import file_id
-from ckptsurgeon.formats.safetensors_io import _span_loader
+from ckptsurgeon.formats.safetensors_io import span_loader
 from ckptsurgeon.formats.spans import ByteSpan, read_span
 from ckptsurgeon.formats.table import Table, TensorRef
 
@@ -96,7 +96,7 @@ def _tensor_ref(path: str, ident: Any, tensor: ReaderTensor) -> TensorRef:
         raise InputError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
     dtype = _PLAIN.get(qtype.name)
     if dtype is not None:
-        return TensorRef(shape, dtype, _span_loader(span, shape, dtype), span, (name,))
+        return TensorRef(shape, dtype, span_loader(span, shape, dtype), span, (name,))
     if not _can_dequantize(qtype):
         raise InputError(
             f"{path}: tensor {name!r} is stored as {qtype.name}, which the installed gguf "

@@ -9,6 +9,7 @@ from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.checkpoint import TORCH_OUTPUT_SUFFIXES
 
 OUTPUT_FORMATS = ("safetensors", "torch", "dcp")
+FOLDER_KINDS = ("folder", "dcp")  # the output kinds written as a folder
 
 
 def output_kind(path: str, format: str | None = None) -> str:

@@ -59,7 +59,9 @@ def st_dtype(dtype: torch.dtype) -> str:
     raise UsageError(f"dtype {name} cannot be stored in safetensors; write a .pt output")
 
 
-def _span_loader(span: ByteSpan, shape: tuple[int, ...], dtype: torch.dtype):
+def span_loader(span: ByteSpan, shape: tuple[int, ...], dtype: torch.dtype):
+    """A loader for a tensor whose row-major bytes are ``span`` (safetensors, plain GGUF)."""
+
     def load() -> torch.Tensor:
         if span.length == 0:
             return torch.empty(shape, dtype=dtype)
@@ -80,7 +82,7 @@ def open_safetensors(path: str, header: Header | None = None) -> Table:
             raise InputError(f"{path}: tensor {name!r}: {exc}") from None
         shape = tuple(info["shape"])
         span = ByteSpan(path, header.data_start + begin, end - begin, header.file)
-        table[name] = TensorRef(shape, dtype, _span_loader(span, shape, dtype), span, (name,))
+        table[name] = TensorRef(shape, dtype, span_loader(span, shape, dtype), span, (name,))
     return table
 
 

@@ -21,7 +21,7 @@ from ckptsurgeon.formats import dcp_writer, safetensors_io, safetensors_writer
 from ckptsurgeon.formats.atomic import atomic_path, check_replaceable
 from ckptsurgeon.formats.fsync import fsync_file
 from ckptsurgeon.formats.hf_folder import SHARD_INDEX
-from ckptsurgeon.formats.kinds import OUTPUT_FORMATS, output_kind  # noqa: F401 (re-exported)
+from ckptsurgeon.formats.kinds import FOLDER_KINDS, output_kind
 from ckptsurgeon.formats.prehash import SourceDigests
 from ckptsurgeon.formats.safetensors_header import METADATA_KEY
 from ckptsurgeon.formats.table import Table, TensorRef
@@ -66,10 +66,10 @@ def check_output(
     (:func:`check_replaceable`), FitError for a name the format cannot hold."""
     kind = output_kind(path, format)
     if max_shard_size is not None:
-        if kind not in ("folder", "dcp"):
+        if kind not in FOLDER_KINDS:
             raise UsageError("max_shard_size needs a folder output (a path with no suffix)")
         parse_size(max_shard_size)
-    check_replaceable(os.path.abspath(path), is_dir=kind in ("folder", "dcp"))
+    check_replaceable(os.path.abspath(path), is_dir=kind in FOLDER_KINDS)
     if kind in ("safetensors", "folder") and METADATA_KEY in names:
         raise FitError(
             f"a tensor is named {METADATA_KEY!r}, which safetensors keeps for the file's "
@@ -144,7 +144,7 @@ def write_checkpoint(
         progress.start(total)
         on_bytes = progress.advance
     try:
-        with atomic_path(path, is_dir=kind in ("folder", "dcp"), durable=durable) as tmp:
+        with atomic_path(path, is_dir=kind in FOLDER_KINDS, durable=durable) as tmp:
             if kind == "safetensors":
                 safetensors_writer.write_safetensors(
                     tmp, items, metadata, on_bytes, sync=durable, prehashed=prehashed

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, PositiveInt, model_validator
 
-from ckptsurgeon.errors import FitError
+from ckptsurgeon.errors import FitError, UsageError
 from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.rules.config import DType, FloatDType, InitName, Pattern, Strict
 from ckptsurgeon.targets.seeds import derive_seed
@@ -719,8 +719,6 @@ class FromSources(Op):
 
     def _source(self, name: str, ctx: Context) -> Table:
         if name not in ctx.sources:
-            from ckptsurgeon.errors import UsageError
-
             raise UsageError(f"{ctx.where}: no source named {name!r} (declare it under sources:)")
         return ctx.sources[name]
 
