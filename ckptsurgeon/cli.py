@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ckptsurgeon.engine.ranks import on_rank_zero
-from ckptsurgeon.errors import CkptSurgeonError
+from ckptsurgeon.errors import INTERNAL_ERROR, CkptSurgeonError
 
 if TYPE_CHECKING:
     from ckptsurgeon.engine.report import ApplyReport
@@ -30,9 +30,6 @@ _DEBUG = False
 
 def _stderr(message: str) -> None:
     click.echo(f"ckptsurgeon: {message}", err=True)
-
-
-INTERNAL_ERROR = 70  # EX_SOFTWARE in sysexits.h: a bug of ours, not bad input
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -56,3 +56,14 @@ class VerifyError(CkptSurgeonError):
     """The result loads strictly but does not compute what the source computed."""
 
     exit_code = 4
+
+
+# EX_SOFTWARE in sysexits.h: a bug in ckptsurgeon or in a plug-in, not bad input.
+INTERNAL_ERROR = 70
+
+
+class PluginError(CkptSurgeonError):
+    """A plug-in broke its contract at run time (a reader that returned something other
+    than tensors): the fault is that plug-in's, named in the message, not the input's."""
+
+    exit_code = INTERNAL_ERROR

@@ -39,6 +39,41 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where the README's example plug-in (examples/plugin) is installed for real:
+    built as a wheel and installed by pip with ``--target``. Processes that put it on
+    ``PYTHONPATH`` see the distribution, its metadata and entry points; this one does not."""
+    work = tmp_path_factory.mktemp("plugin")
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "wheel"),
+         str(REPO / "examples" / "plugin")],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = (work / "wheel").glob("ckptsurgeon_npz-*.whl")
+    site = work / "site"
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return site
+
+
+@pytest.fixture
+def run_with_plugin(plugin_site: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``python -m ckptsurgeon ARGS`` with the example plug-in installed."""
+
+    def run(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 300):
+        env = {**os.environ, "PYTHONPATH": str(plugin_site)}
+        return subprocess.run(
+            [sys.executable, "-m", "ckptsurgeon", *map(str, args)],
+            capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
+        )  # fmt: skip
+
+    return run
+
+
 def assert_clean_failure(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
     """A failure SPEC-style: the documented exit code, a message, and no traceback."""
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)

@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from ckptsurgeon.errors import CkptSurgeonError
+from ckptsurgeon.errors import INTERNAL_ERROR, CkptSurgeonError
 
 # How long the other ranks wait for rank 0's conversion; generous, because a large
 # checkpoint takes a while and a rank 0 that dies ends the wait sooner (see above).
 WAIT = timedelta(hours=12)
-INTERNAL_ERROR = 70  # as the CLI exits for a bug of ours
 INTERRUPTED = 130
 
 

@@ -1,0 +1,1 @@
+"""NumPy ``.npz`` checkpoints and a ``scale`` op, as a ckptsurgeon plug-in."""
