@@ -76,7 +76,9 @@ def load_group(group: str, accept: Callable[[str, Any], str | None]) -> list[tup
         except Exception as exc:  # a broken plug-in: anything it raises is its own fault
             problem = f"failed to load: {type(exc).__name__}: {exc}"
             obj = None
-        _found.append(PluginRecord(group, entry.name, entry.value, dist, problem is None, problem or ""))
+        _found.append(
+            PluginRecord(group, entry.name, entry.value, dist, problem is None, problem or "")
+        )
         if problem is not None:
             warn(f"plug-in {entry.name!r} ({group}) from {dist} skipped: {problem}")
             continue

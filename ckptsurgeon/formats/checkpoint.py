@@ -1,5 +1,6 @@
-"""An opened checkpoint, and what is found about one without torch: its format (from bytes
-and layout), the file that holds it, and the container its flat names nest under.
+"""An opened checkpoint, and what is found about one without torch: its format (which the
+format registry finds from bytes and layout), the file that holds it, and the container its
+flat names nest under.
 
 :func:`~ckptsurgeon.formats.reader.open_checkpoint` opens every format as a
 :class:`Checkpoint` of lazy tensor refs; ``inspect`` opens safetensors as one of header
@@ -9,16 +10,15 @@ importing torch. Both find formats, files and containers with the functions here
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from ckptsurgeon.errors import InputError, UsageError
-from ckptsurgeon.formats import hub, zero_folder
-from ckptsurgeon.formats.index import find_index
+from ckptsurgeon.errors import CkptSurgeonError, InputError, PluginError, UsageError
+from ckptsurgeon.formats import hub, registry
+from ckptsurgeon.formats.family import ReadRequest
 
 # Suffixes that name torch pickles: the ones ckptsurgeon writes, and those it also reads.
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -65,76 +65,73 @@ class Checkpoint(Generic[T]):
     quantization: dict[str, int] = field(default_factory=dict)
 
 
-def is_dcp_folder(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, DCP_METADATA_FILE))
-
-
 def detect_format(path: str) -> str:
-    """One of safetensors, safetensors-sharded, torch-zip, torch-legacy, torch-sharded, dcp,
-    gguf, deepspeed-zero1, deepspeed-zero2, deepspeed-zero3.
+    """The format of the checkpoint at ``path``, as its family's sniff names it: one of
+    safetensors, safetensors-sharded, torch-zip, torch-legacy, torch-sharded, dcp, gguf,
+    deepspeed-zero1, deepspeed-zero2, deepspeed-zero3, or a plug-in's.
 
     ``hf://org/name[@revision]`` is the snapshot folder in the Hugging Face cache."""
+    return detect(path).format
+
+
+def detect(path: str) -> registry.Detected:
+    """The family and format of the checkpoint at ``path``, and the file (or DCP or ZeRO
+    folder) that holds it; an ``hf://`` name is looked up in the cache."""
     if hub.is_hf(path):
         snapshot = hub.resolve(path)
         with hub.named_as(snapshot):
-            return detect_format(snapshot.folder)
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file or folder")
-    if os.path.isdir(path):
-        if is_dcp_folder(path):
-            return "dcp"
-        if zero_folder.is_zero_folder(path):
-            return zero_folder.zero_format(zero_folder.locate(path))
-        index = find_index(path)
-        if index:
-            return detect_format(index)
-        return detect_format(_single_weights_file(path))
-    if path.endswith(".index.json"):
-        return (
-            "safetensors-sharded" if path.endswith(".safetensors.index.json") else "torch-sharded"
+            return detect(snapshot.folder)
+    return registry.detect(path)
+
+
+def open_detected(
+    found: registry.Detected,
+    path: str,
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
+    *,
+    header: bool = False,
+) -> Checkpoint[Any] | None:
+    """Open what :func:`detect` found as ``path``; with ``header``, from its headers alone,
+    or None where the family cannot (see Format.open_header).
+
+    A plug-in's failures are its own: an exception other than ckptsurgeon's errors and
+    OSError, or a result that is not a Checkpoint of tensor refs, is a PluginError naming
+    it (exit 70) and nothing is written."""
+    family = found.family
+    request = ReadRequest(path, found.file, found.format, key, tuple(allow_globals))
+    try:
+        ckpt = family.format.open_header(request) if header else family.format.open(request)
+    except (CkptSurgeonError, OSError):
+        raise  # reading() turns an OSError into InputError
+    except Exception as exc:
+        if family.distribution is None:
+            raise
+        raise PluginError(
+            f"{family.label()} failed to open {path}: {type(exc).__name__}: {exc}"
+        ) from None
+    if ckpt is None:
+        return None
+    if family.distribution is not None:
+        _check_plugin_result(family, path, ckpt)
+    if found.format not in family.format.nested:
+        choose_prefix_container(ckpt, key)
+    return ckpt
+
+
+def _check_plugin_result(family: registry.Family, path: str, ckpt: Any) -> None:
+    from ckptsurgeon.formats.table import TensorRef
+
+    if not isinstance(ckpt, Checkpoint):
+        raise PluginError(
+            f"{family.label()} returned a {type(ckpt).__name__} for {path}, not a Checkpoint"
         )
-    size = os.path.getsize(path)
-    if size == 0:
-        raise InputError(f"{path}: empty file")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == GGUF_MAGIC:
-        return "gguf"
-    if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    looks_safetensors = (
-        len(head) == 9 and head[8:9] == b"{" and (struct.unpack("<Q", head[:8])[0] <= size - 8)
-    )
-    if looks_safetensors or path.endswith(".safetensors"):
-        return "safetensors"
-    if path.endswith(".gguf"):  # without the magic: the GGUF reader says what is wrong
-        return "gguf"
-    if head[:1] == b"\x80" or path.endswith(TORCH_SUFFIXES):
-        return "torch-legacy"
-    raise InputError(
-        f"{path}: unrecognised format (not safetensors, a torch file, GGUF, an index or DCP)"
-    )
-
-
-def _single_weights_file(folder: str) -> str:
-    names = sorted(os.listdir(folder))
-    for preferred in ("model.safetensors", "pytorch_model.bin"):
-        if preferred in names:
-            return os.path.join(folder, preferred)
-    for suffixes in ((".safetensors",), TORCH_SUFFIXES):
-        found = [n for n in names if n.endswith(suffixes) and not n.startswith(".")]
-        if len(found) == 1:
-            return os.path.join(folder, found[0])
-        if len(found) > 1:
-            raise InputError(f"{folder}: several weight files ({', '.join(found)}); name one")
-    raise InputError(f"{folder}: no checkpoint found (no index, weights file or DCP metadata)")
-
-
-def resolve_file(path: str) -> str:
-    """The file (or DCP or ZeRO folder) that holds the checkpoint at ``path``."""
-    if os.path.isdir(path) and not is_dcp_folder(path) and not zero_folder.is_zero_folder(path):
-        return find_index(path) or _single_weights_file(path)
-    return path
+    for name, ref in ckpt.tensors.items():
+        if not isinstance(name, str) or not isinstance(ref, TensorRef):
+            raise PluginError(
+                f"{family.label()} returned a {type(ref).__name__} for {name!r} in {path}, "
+                "not a TensorRef; nothing was written"
+            )
 
 
 @contextmanager

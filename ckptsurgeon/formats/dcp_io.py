@@ -15,10 +15,7 @@ from typing import Any
 import torch
 
 from ckptsurgeon.errors import InputError, UnsafeInputError
-from ckptsurgeon.formats.checkpoint import (  # noqa: F401 (is_dcp_folder re-exported)
-    DCP_METADATA_FILE,
-    is_dcp_folder,
-)
+from ckptsurgeon.formats.checkpoint import DCP_METADATA_FILE
 from ckptsurgeon.formats.index import check_relative_name
 from ckptsurgeon.formats.table import Table, TensorRef
 

@@ -23,11 +23,10 @@ from ckptsurgeon.errors import InputError
 from ckptsurgeon.formats import hub
 from ckptsurgeon.formats.checkpoint import (
     Checkpoint,
-    choose_prefix_container,
-    detect_format,
+    detect,
+    open_detected,
     open_in_snapshot,
     reading,
-    resolve_file,
 )
 from ckptsurgeon.formats.index import read_index
 from ckptsurgeon.formats.safetensors_header import (
@@ -36,8 +35,6 @@ from ckptsurgeon.formats.safetensors_header import (
     Header,
     read_header,
 )
-
-SAFETENSORS_FORMATS = ("safetensors", "safetensors-sharded")
 
 # torch dtypes newer than the oldest torch ckptsurgeon supports (2.6): whether a file
 # holding one can be read depends on the torch installed, so only torch can say.
@@ -63,19 +60,19 @@ class HeaderTensor:
         return self.numel * self.itemsize
 
 
-class _NeedsTorch(Exception):
+class NeedsTorch(Exception):
     """A dtype only the installed torch can say it holds (or not)."""
 
 
 def header_tensors(path: str, header: Header) -> dict[str, HeaderTensor]:
     """The tensors of ``path``'s validated ``header`` as records, in the file's order.
 
-    Raises :class:`_NeedsTorch` for a dtype torch may not have (F4, F6, F8_E8M0)."""
+    Raises :class:`NeedsTorch` for a dtype torch may not have (F4, F6, F8_E8M0)."""
     table: dict[str, HeaderTensor] = {}
     for name, info in header.tensors.items():
         dtype = TORCH_DTYPE_NAMES.get(info["dtype"])
         if dtype is None or dtype in _NEWER_THAN_OLDEST_TORCH:
-            raise _NeedsTorch(f"{path}: tensor {name!r}: {info['dtype']}")
+            raise NeedsTorch(f"{path}: tensor {name!r}: {info['dtype']}")
         table[name] = HeaderTensor(tuple(info["shape"]), dtype, DTYPE_BITS[info["dtype"]] // 8)
     return table
 
@@ -114,20 +111,13 @@ def read_safetensors(
 
 
 def open_header_checkpoint(path: str) -> Checkpoint[HeaderTensor] | None:
-    """What ``open_checkpoint(path)`` opens, for a safetensors checkpoint, with
-    :class:`HeaderTensor` records for tensors and without importing torch: the same
-    fields, or the same error. None for every other format, and for a dtype only torch can
-    judge (the caller opens ``path`` with :func:`~ckptsurgeon.formats.reader.open_checkpoint`).
+    """What ``open_checkpoint(path)`` opens, with tensors described from headers alone and
+    without importing torch (:class:`HeaderTensor` for safetensors, or what a family's
+    ``open_header`` gives): the same fields, or the same error. None when the family cannot
+    (every format but safetensors, or a dtype only torch can judge); the caller then opens
+    ``path`` with :func:`~ckptsurgeon.formats.reader.open_checkpoint`.
     """
     if hub.is_hf(path):
         return open_in_snapshot(path, open_header_checkpoint)
     with reading(path):
-        fmt = detect_format(path)
-        if fmt not in SAFETENSORS_FORMATS:
-            return None
-        try:
-            ckpt = read_safetensors(path, fmt, resolve_file(path), header_tensors)
-        except _NeedsTorch:
-            return None
-    choose_prefix_container(ckpt, None)
-    return ckpt
+        return open_detected(detect(path), path, header=True)

@@ -8,64 +8,28 @@
   byte loads silently); they are checked here.
 * Anything else (legacy torch pickles, DCP folders, files from other tools) has nothing
   recorded to check against, and the result says so rather than claiming it is intact.
+
+Each family checks its own files (:meth:`~ckptsurgeon.formats.family.Format.verify`); this
+module reports the verdicts.
 """
 
 from __future__ import annotations
 
-import os
-import zipfile
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from ckptsurgeon.errors import InputError
-from ckptsurgeon.formats import safetensors_io
-from ckptsurgeon.formats.index import read_index
-from ckptsurgeon.formats.reader import Checkpoint
-from ckptsurgeon.formats.safetensors_io import Verdict
+from ckptsurgeon.formats import registry
+
+if TYPE_CHECKING:
+    from ckptsurgeon.formats.checkpoint import Checkpoint
+    from ckptsurgeon.formats.safetensors_io import Verdict
 
 
 def verify_checkpoint(ckpt: Checkpoint) -> list[Verdict]:
-    """One verdict per file of ``ckpt`` (``ok``, ``corrupt`` or ``unrecorded``)."""
-    if ckpt.format == "safetensors":
-        return [safetensors_io.verify_safetensors(f) for f in ckpt.files]
-    if ckpt.format == "safetensors-sharded":
-        return _verify_sharded(ckpt.files[0])
-    if ckpt.format in ("torch-zip", "torch-sharded"):
-        return [_verify_torch(f) for f in ckpt.files if not f.endswith(".index.json")]
-    if ckpt.format == "torch-legacy":
-        return [Verdict(f, "unrecorded", "legacy torch format: no checksums") for f in ckpt.files]
-    return [Verdict(ckpt.path, "unrecorded", f"{ckpt.format}: no recorded checksums")]
-
-
-def _verify_sharded(index_path: str) -> list[Verdict]:
-    index = read_index(index_path)
-    recorded = index.metadata.get(safetensors_io.DIGEST_KEY)
-    if not isinstance(recorded, dict):
-        recorded = {}
-    folder = os.path.dirname(index_path)
-    verdicts = []
-    for shard in sorted(index.shards):
-        expected = recorded.get(os.path.relpath(shard, folder))
-        verdicts.append(
-            safetensors_io.verify_safetensors(
-                shard, expected if isinstance(expected, str) else None
-            )
-        )
-    return verdicts
-
-
-def _verify_torch(path: str) -> Verdict:
-    if not zipfile.is_zipfile(path):
-        return Verdict(path, "unrecorded", "legacy torch format: no checksums")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        return Verdict(path, "corrupt", f"unreadable zip archive ({exc})")
-    if bad is not None:
-        return Verdict(
-            path, "corrupt", f"record {bad!r} fails its CRC-32 (torch.load does not check these)"
-        )
-    return Verdict(path, "ok", "every zip record matches its CRC-32")
+    """One verdict per file of ``ckpt`` (``ok``, ``corrupt`` or ``unrecorded``), from the
+    family that reads its format (see Format.verify)."""
+    return registry.family_of(ckpt.format).format.verify(ckpt)
 
 
 def verify_report(verdicts: list[Verdict]) -> dict:

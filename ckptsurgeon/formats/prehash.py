@@ -21,8 +21,9 @@ import glob
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 
 from ckptsurgeon.errors import InputError
 from ckptsurgeon.formats.safetensors_header import FileId, file_id, read_header
@@ -44,20 +45,30 @@ class SourceDigests:
     """Digests of source tensors, hashed in the background; see the module docstring."""
 
     def __init__(self, files: Iterable[str]) -> None:
+        files = list(files)
+        self._files = {_identity(f) for f in files} - {None}
         self._lock = threading.Lock()
         self._digests: dict[SpanKey, Future[bytes | None]] = {}
         self._wanted: set[SpanKey] | None = None  # None: every span
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(list(files),), name="ckptsurgeon-prehash", daemon=True
+            target=self._run, args=(files,), name="ckptsurgeon-prehash", daemon=True
         )
         self._thread.start()
+        with _running_lock:
+            _running.append(self)
 
     @classmethod
     def start(cls, source: str) -> SourceDigests | None:
         """Start hashing ``source`` if it is safetensors; None otherwise (nothing to gain)."""
         files = safetensors_files(source)
-        return cls(files) if files else None
+        if not files:
+            return None
+        return cls(files)
+
+    def covers(self, key: SpanKey) -> bool:
+        """Whether ``key`` lies in one of the files this hashes (as they were when started)."""
+        return key[0] in self._files
 
     def keep_only(self, keys: Iterable[SpanKey]) -> None:
         """Hash no span but these from now on (the writer's plan is known)."""
@@ -79,9 +90,13 @@ class SourceDigests:
         self._thread.join()
 
     def stop(self) -> None:
-        """Stop hashing (after the span in hand) and wait for the thread."""
+        """Stop hashing (after the span in hand) and wait for the thread; writes no longer
+        find it."""
         self._stop.set()
         self._thread.join()
+        with _running_lock:
+            if self in _running:
+                _running.remove(self)
 
     def _run(self, files: list[str]) -> None:
         buf = memoryview(bytearray(PIECE))
@@ -126,6 +141,52 @@ class SourceDigests:
             raise
         future.set_result(h.digest())
         return True
+
+
+def _identity(path: str) -> FileId | None:
+    try:
+        return file_id(os.stat(path))
+    except OSError:
+        return None
+
+
+# Every SourceDigests from its start until stopped: the writer finds the one for a span by
+# its file's identity, so no caller passes digests down to it.
+_running: list[SourceDigests] = []
+_running_lock = threading.Lock()
+
+
+@contextmanager
+def using(digests: SourceDigests | None) -> Iterator[None]:
+    """Let writes inside the block find ``digests`` too, even once stopped."""
+    added = False
+    if digests is not None:
+        with _running_lock:
+            added = digests not in _running
+            if added:
+                _running.append(digests)
+    try:
+        yield
+    finally:
+        if added:
+            with _running_lock:
+                _running.remove(digests)
+
+
+def keep_only(keys: Iterable[SpanKey]) -> None:
+    """Tell every running hasher which of its spans the write will copy (none else)."""
+    keys = list(keys)
+    with _running_lock:
+        running = list(_running)
+    for digests in running:
+        digests.keep_only(k for k in keys if digests.covers(k))
+
+
+def claim(key: SpanKey) -> bytes | None:
+    """The digest of ``key``'s bytes from the hasher of its file, or None (hash them)."""
+    with _running_lock:
+        owner = next((d for d in _running if d.covers(key)), None)
+    return owner.claim(key) if owner is not None else None
 
 
 _DONE_ELSEWHERE: Future[bytes | None] = Future()

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from ckptsurgeon.errors import InputError
-from ckptsurgeon.formats.prehash import SourceDigests, SpanKey
+from ckptsurgeon.formats import prehash
+from ckptsurgeon.formats.prehash import SpanKey
 from ckptsurgeon.formats.safetensors_io import (
     DIGEST_KEY,
     TENSOR_DIGESTS_KEY,
@@ -67,15 +68,12 @@ def write_safetensors(
     on_bytes: Callable[[int], None] | None = None,
     *,
     sync: bool = True,
-    prehashed: SourceDigests | None = None,
 ) -> str:
     """Stream ``items`` into a new safetensors file at ``path``; returns its content digest.
 
     See :func:`write_safetensors_files`.
     """
-    return write_safetensors_files(
-        [(path, items)], metadata, on_bytes, sync=sync, prehashed=prehashed
-    )[0]
+    return write_safetensors_files([(path, items)], metadata, on_bytes, sync=sync)[0]
 
 
 def write_safetensors_files(
@@ -84,7 +82,6 @@ def write_safetensors_files(
     on_bytes: Callable[[int], None] | None = None,
     *,
     sync: bool = True,
-    prehashed: SourceDigests | None = None,
 ) -> list[str]:
     """Write each ``(path, items)`` as a new safetensors file, all through one worker pool.
 
@@ -92,13 +89,12 @@ def write_safetensors_files(
     Every file records its content digest and each tensor's sha256 in its metadata (see
     :func:`~ckptsurgeon.formats.safetensors_io.content_digest`). ``on_bytes(n)`` is called
     after each tensor, in order (progress). With ``sync`` each file is fsynced before it is
-    closed. ``prehashed`` supplies sha256 digests of source tensors hashed ahead of time, so
-    copies need not hash them again. Returns the files' content digests, in order. On any
+    closed. Copies take the sha256 of source tensors hashed ahead of time where a running
+    :class:`~ckptsurgeon.formats.prehash.SourceDigests` holds it for that very file. Returns the files' content digests, in order. On any
     error the jobs still queued are cancelled and the error propagates; the caller removes
     the partial files.
     """
-    if prehashed is not None:
-        prehashed.keep_only(_copied_spans(files))
+    prehash.keep_only(_copied_spans(files))
     opened: list[_OutFile] = []
     in_flight: deque[tuple[Future[bytes], _OutFile, int, int]] = deque()
     held = 0  # bytes of materialised tensors in flight
@@ -123,7 +119,7 @@ def write_safetensors_files(
             ):
                 finish_oldest()
             if ref.span is not None:
-                future = pool.submit(_copy_and_hash, ref.span, out.fd, offset, prehashed)
+                future = pool.submit(_copy_and_hash, ref.span, out.fd, offset)
             elif ref.cast_from is not None:
                 future = pool.submit(_cast_and_hash, ref.cast_from, ref.dtype, out.fd, offset)
             else:
@@ -272,14 +268,12 @@ def _aligning_spaces(data_start: int, ordered: Items, entries: list) -> int:
     return max(copied, key=copied.__getitem__) if copied else 0
 
 
-def _copy_and_hash(
-    span: ByteSpan, fd: int, offset: int, prehashed: SourceDigests | None = None
-) -> bytes:
+def _copy_and_hash(span: ByteSpan, fd: int, offset: int) -> bytes:
     """Copy ``span`` to ``offset`` in ``fd``; the sha256 of the bytes copied (hashed here
-    unless ``prehashed`` already holds it for this very file)."""
+    unless a running hasher already holds it for this very file)."""
     with open_span(span) as src:  # checks the file is the one planned, before and after
         key = _span_key(span)
-        known = prehashed.claim(key) if prehashed is not None and key is not None else None
+        known = prehash.claim(key) if key is not None else None
         if known is not None:
             if not _kernel_copy(src, span, fd, offset):
                 _copy_parts(src, span, fd, offset, None)

@@ -6,6 +6,7 @@ import re
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+from ckptsurgeon.formats import registry
 from ckptsurgeon.formats.dtypes import dtype_name
 from ckptsurgeon.reporting.fold import fold_rows
 from ckptsurgeon.reporting.text import columns, human_bytes, human_count
@@ -40,9 +41,7 @@ def summarize(ckpt: Checkpoint, pattern: str | None = None) -> dict[str, Any]:
         "metadata": ckpt.metadata,
         "aliases": ckpt.aliases,
     }
-    if ckpt.format == "gguf":  # dtypes above are the dequantized ones; say what is stored
-        summary["architecture"] = ckpt.metadata.get("general.architecture")
-        summary["quantization"] = ckpt.quantization
+    summary.update(registry.describe(ckpt))  # what the format adds (GGUF: what is stored)
     return summary
 
 

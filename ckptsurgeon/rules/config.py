@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from ckptsurgeon.errors import UsageError
+from ckptsurgeon.formats import registry
 from ckptsurgeon.formats.dtypes import FLOAT_DTYPES, KNOWN_NAMES, OTHER_DTYPES, canonical_dtype
 from ckptsurgeon.formats.kinds import output_kind
 from ckptsurgeon.schema import Strict
@@ -56,6 +57,10 @@ FloatDType = Annotated[
 ]
 
 
+# The formats that write, plug-ins' included: the schema lists them, validate checks them.
+OutputFormat = Literal[registry.output_format_names()]  # type: ignore[valid-type]
+
+
 class SourceSpec(Strict):
     path: str
     key: str | None = Field(None, description="Nested container: state_dict, model, a/b, ...")
@@ -70,10 +75,10 @@ class OutputSpec(Strict):
     max_shard_size: str | int | None = Field(
         None, description='e.g. "5GB" (decimal units); for dcp: the largest data file'
     )
-    format: Literal["safetensors", "torch", "dcp"] | None = Field(
+    format: OutputFormat | None = Field(
         None,
         description="dcp: a torch.distributed.checkpoint folder (a path with no suffix); "
-        "null: from the path's suffix",
+        "a plug-in's format by its name; null: from the path's suffix",
     )
     fsync: bool = Field(
         True, description="wait for the disk (survives power loss); false: as fast as cp -r"
