@@ -39,6 +39,10 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
+def _pythonpath() -> list[str]:
+    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder where the README's example plug-in (examples/plugin) is installed for real:
@@ -65,7 +69,7 @@ def run_with_plugin(plugin_site: Path) -> Callable[..., subprocess.CompletedProc
     """Run ``python -m ckptsurgeon ARGS`` with the example plug-in installed."""
 
     def run(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 300):
-        env = {**os.environ, "PYTHONPATH": str(plugin_site)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_site), *_pythonpath()])}
         return subprocess.run(
             [sys.executable, "-m", "ckptsurgeon", *map(str, args)],
             capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,

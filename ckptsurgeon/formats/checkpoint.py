@@ -155,18 +155,8 @@ def open_in_snapshot(name: str, open_folder: Callable[[str], C]) -> C:
 
 
 def choose_prefix_container(ckpt: Checkpoint[Any], key: str | None) -> None:
-    """Flat formats (DCP, safetensors) nest containers as name prefixes: ``model.fc.weight``."""
-    heads = {name.split(".", 1)[0] for name in ckpt.tensors}
-    candidates = [h for h in CONTAINER_PREFERENCE if h in heads]
-    if (
-        ckpt.format == "dcp"
-        and heads
-        and heads <= set(CONTAINER_PREFERENCE) | {"optim", "optimizer"}
-    ):
-        ckpt.containers = sorted(heads)
-        if key is None and candidates:
-            key = candidates[0]
-            ckpt.note = f"container {key!r} chosen (DCP entries are named '{key}.*')"
+    """Flat formats (DCP, safetensors) nest containers as name prefixes: ``model.fc.weight``;
+    ``key`` picks one, and the tensors are renamed without it."""
     if key is None:
         return
     prefix = key.replace("/", ".") + "."

@@ -80,13 +80,13 @@ def header_tensors(path: str, header: Header) -> dict[str, HeaderTensor]:
 def read_safetensors(
     path: str, fmt: str, file: str, open_file: Callable[[str, Header], dict[str, T]]
 ) -> Checkpoint[T]:
-    """The checkpoint ``path`` names, held in the safetensors ``file`` (``fmt``
-    ``safetensors``) or in the shards a ``*.safetensors.index.json`` ``file`` lists
-    (``safetensors-sharded``), with ``open_file(file, header)`` giving each file's tensors.
+    """The checkpoint ``path`` names, held in the safetensors ``file`` or in the shards a
+    ``*.safetensors.index.json`` ``file`` lists, as format ``fmt``, with
+    ``open_file(file, header)`` giving each file's tensors.
 
     Every header is validated; every tensor must be in the shard the index names for it,
     and every tensor the index names in some shard (InputError otherwise)."""
-    if fmt == "safetensors":
+    if not file.endswith(".index.json"):
         header = read_header(file)
         return Checkpoint(
             path, fmt, open_file(file, header), metadata=header.metadata, files=[file]

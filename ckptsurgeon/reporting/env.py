@@ -11,8 +11,9 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from ckptsurgeon import _torchcheck
+from ckptsurgeon import _torchcheck, plugins
 from ckptsurgeon._version import __version__
+from ckptsurgeon.formats import registry
 
 LIBRARIES = (
     "torch", "safetensors", "numpy", "pydantic", "torchvision", "transformers", "timm",
@@ -56,7 +57,28 @@ def collect() -> dict[str, Any]:
             "warning": warning,
         },
         "cuda": _cuda(),
+        "formats": [_format(f) for f in registry.families()],
+        "plugins": [p.to_dict() for p in _plugins()],
     }
+
+
+def _format(family: registry.Family) -> dict[str, Any]:
+    fmt = family.format
+    return {
+        "name": fmt.name,
+        "reads": list(fmt.formats),
+        "writes": [o.kind for o in fmt.outputs],
+        "plugin": family.distribution,
+    }
+
+
+def _plugins() -> list[plugins.PluginRecord]:
+    """Every plug-in entry point, loaded or skipped: building the format registry and the
+    rules' op union loads them."""
+    import ckptsurgeon.rules.ops  # noqa: F401 (loads the ops group)
+
+    registry.families()
+    return plugins.found()
 
 
 def lines(info: dict[str, Any]) -> list[str]:
@@ -75,4 +97,13 @@ def lines(info: dict[str, Any]) -> list[str]:
         out += [f"cuda {cuda['cuda']}: {d['index']}: {d['name']}" for d in cuda["devices"]]
     else:
         out.append("cuda: " + cuda.get("error", "no devices"))
+    for fmt in info["formats"]:
+        writes = f"; writes {', '.join(fmt['writes'])}" if fmt["writes"] else ""
+        origin = f" (plug-in {fmt['plugin']})" if fmt["plugin"] else ""
+        out.append(f"format {fmt['name']}{origin}: reads {', '.join(fmt['reads'])}{writes}")
+    for p in info["plugins"]:
+        state = "loaded" if p["loaded"] else f"SKIPPED: {p['problem']}"
+        out.append(f"plug-in {p['name']} ({p['group']}) from {p['distribution']}: {state}")
+    if not info["plugins"]:
+        out.append("plug-ins: none installed")
     return out

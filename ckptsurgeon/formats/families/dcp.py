@@ -36,7 +36,9 @@ class DcpFormat(Format):
 
         folder = request.file
         files = [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
-        return Checkpoint(request.path, "dcp", open_dcp(folder), files=files)
+        ckpt = Checkpoint(request.path, "dcp", open_dcp(folder), files=files)
+        _find_containers(ckpt, request.key)
+        return ckpt
 
     def write(self, tmp: str, items: Items, request: WriteRequest) -> list[str]:
         from ckptsurgeon.formats import dcp_writer
@@ -49,3 +51,20 @@ class DcpFormat(Format):
             sync=request.durable,
             file_size=request.max_shard_size or dcp_writer.DEFAULT_FILE_SIZE,
         )
+
+
+def _find_containers(ckpt: Checkpoint, key: str | None) -> None:
+    """A training loop's DCP state is one dict of containers flattened by name (``model.*``,
+    ``optim.*``): list them, and without ``key`` take the model's weights by default."""
+    from ckptsurgeon.formats.checkpoint import CONTAINER_PREFERENCE, choose_prefix_container
+
+    heads = {name.split(".", 1)[0] for name in ckpt.tensors}
+    if not heads or not heads <= {*CONTAINER_PREFERENCE, "optim", "optimizer"}:
+        return
+    ckpt.containers = sorted(heads)
+    candidates = [h for h in CONTAINER_PREFERENCE if h in heads]
+    if key is None and candidates:
+        ckpt.note = (
+            f"container {candidates[0]!r} chosen (DCP entries are named '{candidates[0]}.*')"
+        )
+        choose_prefix_container(ckpt, candidates[0])
