@@ -132,14 +132,14 @@ def test_average_by_chunks_from_files_is_the_whole_tensor_mean(
 ) -> None:
     """Safetensors inputs are averaged a piece at a time (flat memory); a torch pickle's
     whole tensors are not. Both give the same bytes, with weights and a ragged last piece."""
-    import ckptsurgeon.rules.ops as ops
+    from ckptsurgeon.rules.ops import kernels  # where the average reads its piece size
 
     gen = torch.Generator().manual_seed(2)
     xs = [torch.randn(37, 29, generator=gen) for _ in range(3)]
     for i, x in enumerate(xs):
         save_file({"w": x}, tmp_path / f"{i}.safetensors")
         torch.save({"w": x}, tmp_path / f"{i}.pt")
-    monkeypatch.setattr(ops, "AVERAGE_CHUNK", 100)  # 37 * 29 = 1073: 11 pieces, last ragged
+    monkeypatch.setattr(kernels, "AVERAGE_CHUNK", 100)  # 37 * 29 = 1073: 11 pieces, last ragged
     results = []
     for suffix in ("safetensors", "pt"):
         doc = {
