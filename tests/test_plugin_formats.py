@@ -240,3 +240,20 @@ def test_a_plugin_reader_returning_non_tensors_is_exit_70(broken_site: Path, tmp
     assert_clean_failure(proc, 70, "'liar'")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["site", "w.liar"]
     assert liar.read_bytes() == b"anything"
+
+
+def test_an_installed_plugin_keeps_validate_torch_free(plugin_site: Path) -> None:
+    """Every command builds the registries, plug-ins included; the example imports torch
+    only when it opens or writes, so ``validate`` and ``schema`` stay fast."""
+    code = (
+        "import sys, ckptsurgeon.rules.document\n"
+        "from ckptsurgeon.formats import registry\n"
+        "assert 'npz' in registry.output_format_names()\n"
+        "print('torch' in sys.modules)"
+    )
+    path = [str(plugin_site), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == "False", out.stderr

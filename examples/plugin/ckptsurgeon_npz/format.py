@@ -5,19 +5,19 @@ An ``.npz`` file is a zip archive holding one ``.npy`` file per array, named aft
 ``.npy`` header for the shape and dtype; an array's data is read when its tensor is asked
 for. Pickled object arrays are refused (``allow_pickle=False``): a checkpoint is data, not
 code.
+
+Like ckptsurgeon's own families, this module imports neither torch nor NumPy until a file
+is opened or written: every command loads the format registry, and ``validate`` or
+``schema`` should not pay for torch because a plug-in is installed.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from typing import ClassVar
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ckptsurgeon.errors import FitError, InputError
-from ckptsurgeon.formats.checkpoint import Checkpoint
 from ckptsurgeon.formats.family import (
     Format,
     Items,
@@ -27,7 +27,12 @@ from ckptsurgeon.formats.family import (
     Sniff,
     WriteRequest,
 )
-from ckptsurgeon.formats.table import TensorRef
+
+if TYPE_CHECKING:
+    import torch
+
+    from ckptsurgeon.formats.checkpoint import Checkpoint
+    from ckptsurgeon.formats.table import TensorRef
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -45,6 +50,9 @@ class NpzFormat(Format):
         return None
 
     def open(self, request: ReadRequest) -> Checkpoint:
+        from ckptsurgeon.formats.checkpoint import Checkpoint
+        from ckptsurgeon.formats.table import TensorRef
+
         table: dict[str, TensorRef] = {}
         try:
             with zipfile.ZipFile(request.file) as archive:
@@ -61,6 +69,9 @@ class NpzFormat(Format):
         return Checkpoint(request.path, "npz", table, files=[request.file])
 
     def write(self, tmp: str, items: Items, request: WriteRequest) -> list[str]:
+        import numpy as np
+        import torch
+
         arrays = {}
         for name, ref in items:
             if ref.dtype == torch.bfloat16:  # NumPy has no bfloat16
@@ -77,6 +88,9 @@ class NpzFormat(Format):
 
 
 def _array_header(f) -> tuple[tuple[int, ...], torch.dtype]:
+    import numpy as np
+    import torch
+
     version = np.lib.format.read_magic(f)
     read = {
         (1, 0): np.lib.format.read_array_header_1_0,
@@ -92,6 +106,9 @@ def _array_header(f) -> tuple[tuple[int, ...], torch.dtype]:
 
 def _loader(path: str, name: str):
     def load() -> torch.Tensor:
+        import numpy as np
+        import torch
+
         with np.load(path, allow_pickle=False) as archive:
             return torch.from_numpy(np.array(archive[name], order="C"))  # 0-d stays 0-d
 
