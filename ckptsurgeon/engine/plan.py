@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ckptsurgeon.engine.report import ApplyReport, KeyEntry, SourceInfo
+from ckptsurgeon.engine.rewrite import run_rules
 from ckptsurgeon.engine.sources import OpenedSources
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.reader import Checkpoint, open_checkpoint
 from ckptsurgeon.formats.table import Table, cast_floating, dtype_name, parse_dtype
 from ckptsurgeon.rules.config import SourceSpec
 from ckptsurgeon.rules.document import NamedSource, RulesFile
-from ckptsurgeon.rules.ops import Context
 from ckptsurgeon.targets.check import CheckResult, check_table
 from ckptsurgeon.targets.spec import TargetInfo, resolve_target
 
@@ -68,24 +68,6 @@ class Plan:
             total_bytes=sum(r.nbytes for r in self.table.values()),
             check=self.check,
         )
-
-
-def run_rules(
-    rules: RulesFile,
-    table: Table,
-    target: TargetInfo | None,
-    base_dir: str = "",
-    sources: Mapping[str, Table] | None = None,
-) -> tuple[Table, dict[str, str]]:
-    """Run every rule in order; returns the new table and the dropped keys (with reasons).
-    Relative paths in ops (a merge_lora adapter) resolve against ``base_dir`` (default: the
-    working directory); ``sources`` are the named sources take and average read (none for
-    rules given without a file)."""
-    ctx = Context(seed=rules.seed, target=target, base_dir=base_dir, sources=sources or {})
-    for i, op in enumerate(rules.rules):
-        ctx.where = f"rules[{i}] ({op.op})"
-        table = op.run(table, ctx)
-    return table, ctx.dropped
 
 
 def _target_order(table: Table, target: TargetInfo | None) -> Table:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptsurgeon.engine.plan import run_rules
+from ckptsurgeon.engine.rewrite import run_rules
 from ckptsurgeon.errors import UsageError, VerifyError
 from ckptsurgeon.formats.reader import open_checkpoint
 from ckptsurgeon.formats.table import Table, parse_dtype

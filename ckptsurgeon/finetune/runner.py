@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import logging
 import math
 import os
 import random
@@ -47,13 +46,11 @@ from ckptsurgeon.finetune.freeze import (
 )
 from ckptsurgeon.finetune.outputs import model_output, to_device
 from ckptsurgeon.finetune.state import STATE_FILE, History, TrainingState
+from ckptsurgeon.logs import Log, info
 from ckptsurgeon.rules.finetune import FinetuneSpec, PhaseSpec
 
 # A batch's inputs (a tensor, or a mapping of them) -> logits; the model or a cached head.
 Forward = Callable[[nn.Module, Any], torch.Tensor]
-Log = Callable[[str], None]
-# The library logs; the CLI passes its own printer.
-_log = logging.getLogger("ckptsurgeon").info
 
 
 @dataclass
@@ -691,7 +688,7 @@ def run_finetune(
     *,
     base_dir: str,
     resume: bool = False,
-    log: Log = _log,
+    log: Log = info,
     source: str = "",
     fresh: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
