@@ -16,11 +16,20 @@ from ckptsurgeon.errors import (
     VerifyError,
 )
 
+# Not "finetune": that name is the subpackage ckptsurgeon.finetune, which Python binds here
+# as soon as anything imports it; the command's function is ckptsurgeon.api.finetune.
+_COMMANDS = {"apply", "check", "convert", "diff", "inspect", "validate", "verify"}
+
 
 def __getattr__(name: str):
     # The API pulls in torch; importing it lazily keeps `import ckptsurgeon` (and the CLI's
-    # --help, validate and schema) fast.
-    if name in {"apply", "load", "load_into", "save", "convert", "check", "verify"}:
+    # --help, validate and schema) fast. The commands come from the module the API
+    # re-exports them from, which imports no torch until a command needs it.
+    if name in _COMMANDS:
+        from ckptsurgeon import commands
+
+        return getattr(commands, name)
+    if name in {"load", "load_into", "save"}:
         from ckptsurgeon import api
 
         return getattr(api, name)
@@ -40,8 +49,11 @@ __all__ = [
     "apply",
     "check",
     "convert",
+    "diff",
+    "inspect",
     "load",
     "load_into",
     "save",
+    "validate",
     "verify",
 ]

@@ -1,29 +1,29 @@
 """The ``ckptsurgeon`` command: a thin shell over the library.
 
+Each command parses its flags, calls its function in :mod:`ckptsurgeon.commands` (the
+Python API's), and prints the value it returns: ``--json`` prints its ``to_dict()``, the
+human output is derived from the same value, and the exit code from its verdict.
+
 Heavy imports (torch, the engine) happen inside each command so that ``--help``,
 ``validate`` and ``schema`` start in a fraction of a second.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptsurgeon.engine.ranks import on_rank_zero
 from ckptsurgeon.errors import INTERNAL_ERROR, CkptSurgeonError
 
 if TYPE_CHECKING:
     from ckptsurgeon.engine.report import ApplyReport
-    from ckptsurgeon.formats.prehash import SourceDigests
-    from ckptsurgeon.job import Job
 
 _DEBUG = False
 
@@ -114,6 +114,51 @@ def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2))
 
 
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose choices a registry gives when they are first needed (to
+    check a value, or for ``--help``), not when this module is imported: plug-ins are
+    found then, and ``ckptsurgeon --help`` loads no registry."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]) -> None:
+        self._names = names
+        super().__init__(())
+
+    @property  # type: ignore[override]  # read from the registry, not stored
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value: Iterable[str]) -> None:
+        """click.Choice's __init__ stores its choices; these come from the registry."""
+
+
+def _output_format_names() -> tuple[str, ...]:
+    from ckptsurgeon.formats.registry import output_format_names
+
+    return tuple(output_format_names())
+
+
+def _plugin_warnings_on_one_line() -> None:
+    """Print each :class:`~ckptsurgeon.plugins.PluginWarning` as one line
+    ``ckptsurgeon: warning: MESSAGE`` on stderr instead of Python's two-line form (file,
+    line and source of the ``warnings.warn`` call mean nothing to a user); any other
+    warning is shown as before."""
+    from ckptsurgeon.plugins import PluginWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "_ckptsurgeon", False):  # installed by an earlier call in this process
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if isinstance(category, type) and issubclass(category, PluginWarning):
+            _stderr(f"warning: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._ckptsurgeon = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="ckptsurgeon")
@@ -122,6 +167,7 @@ def cli(debug: bool) -> None:
     strictly into the target model, write it safely, and fine-tune from it."""
     global _DEBUG
     _DEBUG = debug
+    _plugin_warnings_on_one_line()
     from ckptsurgeon import _torchcheck
 
     warning = _torchcheck.unpickler_warning(_torchcheck.installed_torch())
@@ -154,33 +200,18 @@ def inspect(
     allow_globals: tuple[str, ...],
 ) -> None:
     """Tensors, shapes, dtypes, bytes and a prefix tree of a checkpoint."""
-    from ckptsurgeon.formats.header_table import open_header_checkpoint
+    from ckptsurgeon.commands import inspect as inspect_checkpoint
     from ckptsurgeon.reporting import inspect as report
-    from ckptsurgeon.rules.patterns import compile_pattern
 
-    if pattern:
-        compile_pattern(pattern, "--filter")
-    # safetensors are summarised from their headers, without importing torch (seconds and
-    # hundreds of MiB); anything else, or --verify, --key, --allow-global, is opened with
-    # torch (so with --verify, integrity and verdicts are always bound below).
-    plain = not verify and key is None and not allow_globals
-    ckpt = open_header_checkpoint(path) if plain else None
-    if ckpt is None:
-        from ckptsurgeon.formats import integrity, open_checkpoint
-
-        ckpt = open_checkpoint(path, key, allow_globals)
-        verdicts = integrity.verify_checkpoint(ckpt) if verify else []
-        integrity.raise_if_corrupt(verdicts)
-    summary = report.summarize(ckpt, pattern)
-    if verify:
-        summary["verify"] = integrity.verify_report(verdicts)
+    result = inspect_checkpoint(
+        path, pattern=pattern, verify=verify, key=key, allow_globals=allow_globals
+    )
     if as_json:
-        _print_json(summary)
+        _print_json(result.to_dict())
     else:
-        report.render(summary, _console(), show_all=show_all)
-        if verify:
-            for line in integrity.verify_lines(verdicts):
-                click.echo(line)
+        report.render(result.summary, _console(), show_all=show_all)
+        for line in result.verify_lines():
+            click.echo(line)
 
 
 @cli.command()
@@ -191,7 +222,7 @@ def inspect(
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["safetensors", "torch", "dcp"]),
+    type=RegistryChoice(_output_format_names),
     default=None,
     help="Output format (default: from OUTPUT's suffix); dcp writes a DCP folder.",
 )
@@ -214,42 +245,26 @@ def convert(
 ) -> None:
     """Convert a checkpoint to another format with no rules. Under torchrun rank 0 writes
     and prints; the other ranks wait for it."""
+    from ckptsurgeon.commands import convert as convert_checkpoint
     from ckptsurgeon.engine.ranks import launch
+    from ckptsurgeon.reporting.text import human_bytes
 
-    main = launch().main
-    # With --dtype every floating tensor is converted, not copied: little to hash ahead.
-    with _hashing_ahead(None if dtype or not main else source) as prehashed:
-        from ckptsurgeon.api import convert as convert_api
-        from ckptsurgeon.reporting.progress import ByteProgress
-        from ckptsurgeon.reporting.text import human_bytes
-
-        with ByteProgress("converting", quiet=quiet or not main) as progress:
-            result = convert_api(
-                source,
-                output,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                key=key,
-                allow_globals=allow_globals,
-                progress=progress,
-                durable=not no_fsync,
-                prehashed=prehashed,
-                format=output_format,
-            )
-
-    if not main:
+    result = convert_checkpoint(
+        source,
+        output,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        format=output_format,
+        key=key,
+        allow_globals=allow_globals,
+        progress=not quiet,
+        durable=not no_fsync,
+    )
+    if not launch().main:
         return
     _stderr(f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})")
     if as_json:
-        _print_json(
-            {
-                "source": source,
-                "output": result.path,
-                "kind": result.kind,
-                "files": result.files,
-                "bytes": result.total_bytes,
-            }
-        )
+        _print_json(result.to_dict())
 
 
 @cli.command()
@@ -289,130 +304,60 @@ def apply(
 ) -> None:
     """Load, rewrite by the rules, check against the target, write. Under torchrun rank 0
     writes and reports; the other ranks wait for it, then fine-tune with it."""
+    from ckptsurgeon.commands import apply as apply_rules
     from ckptsurgeon.engine.ranks import launch
-    from ckptsurgeon.job import Job, ReadOptions
 
-    job = Job.from_file(
-        rules_file, source=source, output=output, read=ReadOptions(key, allow_globals)
+    result = apply_rules(
+        rules_file,
+        source=source,
+        output=output,
+        dry_run=dry_run,
+        key=key,
+        allow_globals=allow_globals,
+        skip_up_to_date=skip_up_to_date,
+        report=report_path,
+        durable=not no_fsync,
+        progress=not quiet,
+        finetune=not no_finetune,
+        reporter=_Printer(as_json=as_json, quiet=quiet, verbose=verbose),
     )
-    report = _apply_write(
-        job, dry_run, as_json, report_path, quiet, verbose, no_fsync, skip_up_to_date
-    )
-    if report is None:  # up to date: nothing to do
-        return
-    if report.written is not None and job.document.finetune is not None and not no_finetune:
-        report.finetune = job.finetune(
-            weights=report.written.path, read=ReadOptions(), log=_log_for(as_json)
-        )
-    if launch().main:
-        out = report.to_dict()
-        if dry_run and job.document.finetune is not None and not no_finetune:
-            out["finetune_plan"] = _show_finetune_plan(job, as_json or quiet)
-        _emit_report(out, as_json, report_path, show=as_json)
+    if as_json and launch().main:
+        _print_json(result.to_dict())
 
 
-def _show_finetune_plan(job: Job, silent: bool) -> dict[str, Any]:
-    """The freeze and phases the finetune: section will train (a strategy's expansion),
-    printed unless ``silent``; returned as data for --json."""
+class _Printer:
+    """The job's reporter for ``apply`` and ``finetune``: the plan table, the up-to-date
+    verdict and a dry run's fine-tune plan on stdout unless ``--json`` or ``--quiet``; the
+    fine-tune's lines on stdout, or on stderr when stdout carries JSON."""
+
+    def __init__(self, *, as_json: bool, quiet: bool, verbose: bool) -> None:
+        self.as_json = as_json
+        self.shows = not (as_json or quiet)
+        self.verbose = verbose
+
+    def log(self, message: str) -> None:
+        click.echo(message, err=self.as_json)
+
+    def up_to_date(self, output: str | None) -> None:
+        if self.shows:
+            click.echo(f"up to date: {output} was made from the same inputs and rules")
+
+    def planned(self, report: ApplyReport) -> None:
+        from ckptsurgeon.reporting import plan as plan_report
+
+        if self.shows:
+            plan_report.render(report, _console(), verbose=self.verbose)
+
+    def finetune_plan(self, plan: dict[str, Any]) -> None:
+        if self.shows:
+            _show_finetune_plan(plan)
+
+
+def _show_finetune_plan(plan: dict[str, Any]) -> None:
+    """The freeze and phases a finetune: section will train (a strategy's expansion)."""
     from ckptsurgeon.finetune.strategy import format_plan
 
-    plan = job.finetune_plan()
-    if not silent:
-        click.echo(format_plan(plan), nl=False)
-    return plan
-
-
-@on_rank_zero
-def _apply_write(
-    job: Job,
-    dry_run: bool,
-    as_json: bool,
-    report_path: str | None,
-    quiet: bool,
-    verbose: bool,
-    no_fsync: bool,
-    skip_up_to_date: bool,
-) -> ApplyReport | None:
-    """``apply`` up to the fine-tune, on rank 0 (the others receive its result): the
-    report, or None when the output was up to date (then said so, and its report written)."""
-    from ckptsurgeon.job import WriteOptions
-
-    if skip_up_to_date and not dry_run and job.up_to_date():  # headers and stat: no torch
-        done = {"output": job.output_path, "up_to_date": True}
-        if not (as_json or quiet):
-            click.echo(f"up to date: {job.output_path} was made from the same inputs and rules")
-        _emit_report(done, as_json, report_path, show=as_json)
-        return None
-    with _hashing_ahead(None if dry_run else job.source_path) as prehashed:
-        from ckptsurgeon.engine.plan import PlanFailed
-        from ckptsurgeon.engine.verify import VerifyFailed
-        from ckptsurgeon.reporting import plan as plan_report
-        from ckptsurgeon.reporting.progress import ByteProgress
-
-        try:
-            with ByteProgress("writing", quiet=quiet) as progress:
-                report = job.run(
-                    dry_run=dry_run,
-                    # Fine-tuned by apply, once the plan table is on screen.
-                    finetune=False,
-                    write=WriteOptions(progress, not no_fsync, prehashed),
-                    report_path=report_path,
-                )
-            if skip_up_to_date:
-                report.up_to_date = False
-        except (PlanFailed, VerifyFailed) as exc:
-            # --json prints the report with the error (handle_errors); --report gets it too.
-            _emit_report(exc.report.to_dict(), as_json, report_path, show=False)
-            raise
-    if not as_json and not quiet:
-        plan_report.render(report, _console(), verbose=verbose)
-    return report
-
-
-@contextlib.contextmanager
-def _hashing_ahead(source: str | None) -> Iterator[SourceDigests | None]:
-    """Hash a safetensors ``source``'s tensors in the background while the block runs.
-
-    Entered before torch is imported, so the hashing takes the core that import leaves
-    idle and copies later need not hash (see :mod:`ckptsurgeon.formats.prehash`). Yields
-    None when there is nothing to hash.
-    """
-    from ckptsurgeon.formats.hub import local_path
-    from ckptsurgeon.formats.prehash import SourceDigests
-
-    digests = SourceDigests.start(local_path(source)) if source is not None else None
-    try:
-        yield digests
-    finally:
-        if digests is not None:
-            digests.stop()
-
-
-def _log_for(as_json: bool) -> Callable[[str], None]:
-    """Progress lines go to stdout, or to stderr when stdout carries JSON."""
-    return functools.partial(click.echo, err=as_json)
-
-
-def _emit_report(report: dict, as_json: bool, path: str | None, show: bool) -> None:
-    if path:
-        from ckptsurgeon.errors import OutputError
-        from ckptsurgeon.formats.atomic import atomic_path
-
-        # A regular file is replaced atomically; a pipe, a link or /dev/stdout is written
-        # through, as a shell redirection would.
-        atomic = not os.path.lexists(path) or (os.path.isfile(path) and not os.path.islink(path))
-        place = atomic_path(path, is_dir=False, durable=False) if atomic else None
-        try:
-            with (
-                place or contextlib.nullcontext(path) as tmp,
-                open(tmp, "w", encoding="utf-8") as f,
-            ):
-                json.dump(report, f, indent=2)
-                f.write("\n")
-        except OSError as exc:
-            raise OutputError(f"writing the report {path} failed: {exc.strerror or exc}") from None
-    if show and as_json:
-        _print_json(report)
+    click.echo(format_plan(plan), nl=False)
 
 
 @cli.command()
@@ -430,12 +375,9 @@ def check(
     allow_globals: tuple[str, ...],
 ) -> None:
     """Does PATH load strictly into the target? Exit 0 if so, 1 if not."""
-    from ckptsurgeon.formats import open_checkpoint
-    from ckptsurgeon.targets.check import check_table
-    from ckptsurgeon.targets.spec import target_from_cli
+    from ckptsurgeon.commands import check as check_checkpoint
 
-    info = target_from_cli(target, kwargs, allow_globals)
-    result = check_table(open_checkpoint(path, key, allow_globals).tensors, info)
+    result = check_checkpoint(path, target, kwargs=kwargs, key=key, allow_globals=allow_globals)
     verdict = "loads strictly into" if result.ok else "does NOT load strictly into"
     _verdict(result, as_json, f"{path} {verdict} {result.target}", failed=1)
 
@@ -477,47 +419,25 @@ def diff(
     Exit 0 when A and B are the same (with --suggest: when the printed rules make A load
     strictly into B), 1 when not, as Unix diff does.
     """
-    from ckptsurgeon.errors import InputError, UsageError
-    from ckptsurgeon.formats import open_checkpoint
-    from ckptsurgeon.paths import is_hf
-    from ckptsurgeon.rules.config import SourceSpec
-    from ckptsurgeon.suggest import absolute_target, compare, render_rules
-    from ckptsurgeon.targets.spec import resolve_target, target_spec_from_cli
+    from ckptsurgeon.commands import diff as diff_checkpoints
 
-    if (b is None) == (target is None):
-        raise UsageError("diff: give B or --target SPEC (exactly one)")
-    if verify_with and not (suggest and reference and target):
-        raise UsageError("--verify goes with --suggest, --target MODEL and --reference MODEL")
-    if (reference or reference_kwargs) and not verify_with:
-        raise UsageError("--reference and --reference-kwargs go with --verify")
-    if kwargs is not None and target is None:
-        raise UsageError("--kwargs goes with --target")
-    if b is not None and ":" not in b and not os.path.exists(os.path.expanduser(b)):
-        raise InputError(f"{b}: no such file or folder")
-    spec = target_spec_from_cli(b if b is not None else str(target), kwargs, allow_globals)
-    ckpt = open_checkpoint(a, key, allow_globals)
-    report = compare(ckpt, resolve_target(spec))
-    result: dict[str, Any] = report.to_dict()
-    verified = None
-    if suggest:
-        source = SourceSpec(
-            path=a if is_hf(a) else os.path.abspath(a),
-            key=ckpt.container,
-            allow_globals=list(allow_globals),
-        )
-        section = None
-        if verify_with and report.reconciled:
-            from ckptsurgeon.suggest.verify import suggest_verify
-
-            ref = absolute_target(target_spec_from_cli(reference, reference_kwargs))
-            section, verified = suggest_verify(report, source, spec, ref, os.getcwd())
-            result["verify"] = verified.to_dict()
-            section = section if verified.ok else None
-        result["rules_file"] = render_rules(report, source, absolute_target(spec), section)
+    result = diff_checkpoints(
+        a,
+        b,
+        target=target,
+        kwargs=kwargs,
+        suggest=suggest,
+        verify=verify_with,
+        reference=reference,
+        reference_kwargs=reference_kwargs,
+        key=key,
+        allow_globals=allow_globals,
+    )
+    report, verified = result.report, result.verified
     if as_json:
-        _print_json(result)
+        _print_json(result.to_dict())
     elif suggest:
-        click.echo(result["rules_file"], nl=False)
+        click.echo(result.rules_file, nl=False)
         if report.reconciled:
             count = len(report.rules.rules)
             _stderr(f"{count} rule{'' if count == 1 else 's'}; verified: A loads strictly into B")
@@ -533,9 +453,9 @@ def diff(
     else:
         for line in report.text():
             click.echo(line)
-    if not (report.reconciled if suggest else report.identical):
+    if not result.same:
         sys.exit(1)
-    if verified is not None and not verified.ok:
+    if not result.ok:
         sys.exit(4)
 
 
@@ -556,14 +476,12 @@ def verify(
 ) -> None:
     """Does the written output compute what the source computed? (the file's verify:
     section). Exit 0 if so, 4 if not."""
-    from ckptsurgeon.job import Job, ReadOptions
+    from ckptsurgeon.commands import verify as verify_output
 
-    job = Job.from_file(
-        rules_file, source=source, output=output, read=ReadOptions(key, allow_globals)
+    result = verify_output(
+        rules_file, output=output, source=source, key=key, allow_globals=allow_globals
     )
-    result = job.verify()
-    verdict = "computes" if result.ok else "does NOT compute"
-    _verdict(result, as_json, f"{job.output_path} {verdict} what the source computed", failed=4)
+    _verdict(result, as_json, result.headline(), failed=4)
 
 
 def _verdict(result: Any, as_json: bool, headline: str, failed: int) -> None:
@@ -585,16 +503,13 @@ def _verdict(result: Any, as_json: bool, headline: str, failed: int) -> None:
 @handle_errors
 def validate(rules_file: str, as_json: bool) -> None:
     """Check a rules file against the schema; nothing is loaded."""
-    from ckptsurgeon.rules.document import load_rules
+    from ckptsurgeon.commands import validate as validate_rules
 
-    rules = load_rules(rules_file)
+    result = validate_rules(rules_file)
     if as_json:
-        sections = [s for s in ("target", "finetune", "verify") if getattr(rules, s) is not None]
-        _print_json(
-            {"path": rules_file, "valid": True, "rules": len(rules.rules), "sections": sections}
-        )
+        _print_json(result.to_dict())
     else:
-        click.echo(f"{rules_file}: valid ({len(rules.rules)} rules)")
+        click.echo(result.line())
 
 
 @cli.command()
@@ -643,17 +558,21 @@ def finetune(
     allow_globals: tuple[str, ...],
 ) -> None:
     """Run a file's finetune: section alone (torchrun-compatible)."""
-    from ckptsurgeon.job import Job, ReadOptions
+    from ckptsurgeon.commands import finetune as run_finetune
 
-    job = Job.from_file(config, read=ReadOptions(key, allow_globals))
-    if dry_run:
-        plan = _show_finetune_plan(job, as_json)
-        if as_json:
-            _print_json(plan)
-        return
-    summary = job.finetune(weights=weights, resume=resume, log=_log_for(as_json))
+    result = run_finetune(
+        config,
+        resume=resume,
+        weights=weights,
+        dry_run=dry_run,
+        key=key,
+        allow_globals=allow_globals,
+        reporter=_Printer(as_json=as_json, quiet=False, verbose=False),
+    )
     if as_json:
-        _print_json(summary)
+        _print_json(result.to_dict())
+    elif dry_run:
+        _show_finetune_plan(result.to_dict())
 
 
 def _console():

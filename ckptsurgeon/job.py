@@ -1,29 +1,36 @@
 """One command's work as a value: a rules document, the folder its paths resolve against,
-how to read the source, and the steps plan -> check -> write (-> verify, before the output
-is moved into place) -> fine-tune.
+how to read the source, and the steps of ``apply``: up-to-date check -> plan -> check ->
+write (-> verify, before the output is moved into place) -> report -> fine-tune.
 
 The CLI and the Python API both build a :class:`Job` and run it, so the rules file is read
 once and every option lives in one place instead of being passed down through each layer.
+What the steps have to show (the plan table, progress, fine-tune lines) goes to a
+:class:`Reporter` the caller passes: the CLI's prints, the API's default logs.
 The job sits above the engine and the fine-tune runner because it is the one place that
 sequences them; neither of them imports it.
 
-This module imports no torch at import time: the CLI reads the job's source path (to hash
-it in the background) before torch is loaded.
+This module imports no torch at import time: ``apply --skip-up-to-date`` answers from
+headers and file status alone, and the source is hashed in the background before torch is
+loaded.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ckptsurgeon.engine.ranks import on_rank_zero
+from ckptsurgeon import logs
+from ckptsurgeon.engine.ranks import launch, on_rank_zero
 from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats.hub import local_path
+from ckptsurgeon.logs import Log
 from ckptsurgeon.paths import resolve, rules_folder, within
+from ckptsurgeon.results import ApplyResult
 from ckptsurgeon.rules.config import SourceSpec
 from ckptsurgeon.rules.document import NamedSource, RulesFile, load_rules, parse_document
 
@@ -31,13 +38,45 @@ if TYPE_CHECKING:
     from ckptsurgeon.engine.plan import Plan
     from ckptsurgeon.engine.report import ApplyReport
     from ckptsurgeon.engine.verify import VerifyResult
-    from ckptsurgeon.formats.prehash import SourceDigests
     from ckptsurgeon.formats.writer import Progress
     from ckptsurgeon.rules.finetune import FinetuneSpec
 
-Log = Callable[[str], None]
 # The library logs; the CLI passes its own printer (stdout, or stderr beside --json).
-_log = logging.getLogger("ckptsurgeon").info
+_log = logs.info
+
+
+class Reporter(Protocol):
+    """What an ``apply`` shows while it runs, on rank 0 (``log``: on every rank that
+    fine-tunes; the runner keeps the other ranks quiet)."""
+
+    def log(self, message: str) -> None:
+        """A line of the fine-tune's progress."""
+
+    def up_to_date(self, output: str | None) -> None:
+        """The output was made from the same inputs and rules: nothing runs."""
+
+    def planned(self, report: ApplyReport) -> None:
+        """The plan, once it is checked and written (or, in a dry run, would be)."""
+
+    def finetune_plan(self, plan: dict[str, Any]) -> None:
+        """A dry run's account of what the ``finetune:`` section would train."""
+
+
+class QuietReporter:
+    """The API's reporter: fine-tune lines and the up-to-date verdict go to the
+    ``ckptsurgeon`` logger; the plan is in the returned report, so it is not shown."""
+
+    def log(self, message: str) -> None:
+        _log(message)
+
+    def up_to_date(self, output: str | None) -> None:
+        _log(f"up to date: {output} was made from the same inputs and rules")
+
+    def planned(self, report: ApplyReport) -> None:
+        pass
+
+    def finetune_plan(self, plan: dict[str, Any]) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -51,11 +90,62 @@ class ReadOptions:
 
 @dataclass(frozen=True)
 class WriteOptions:
-    """How to write the output: progress, durability, and hashes computed ahead."""
+    """How to write the output: progress, and durability. One value from the caller down
+    to the writer (digests of the source computed ahead are found by the writer itself:
+    see :func:`hashing_ahead`)."""
 
     progress: Progress | None = None
     durable: bool = True
-    prehashed: SourceDigests | None = None
+
+
+@contextlib.contextmanager
+def running(progress: Progress | None) -> Iterator[Progress | None]:
+    """``progress`` for the duration of one write: a progress that is also a context
+    manager (a bar) is entered here and left when the write ends, so that the bar is off
+    the screen before anything else is shown."""
+    if progress is not None and hasattr(progress, "__enter__") and hasattr(progress, "__exit__"):
+        with progress:  # type: ignore[attr-defined]  # checked just above
+            yield progress
+    else:
+        yield progress
+
+
+@contextlib.contextmanager
+def hashing_ahead(source: str | None) -> Iterator[None]:
+    """Hash a safetensors ``source``'s tensors in the background while the block runs.
+
+    Entered before torch is imported, so the hashing takes the core that import leaves
+    idle, and copies made in the block need not hash: the writer finds these digests by
+    the file's identity (see :mod:`ckptsurgeon.formats.prehash`). Nothing happens for a
+    ``source`` of None or one that is not safetensors.
+    """
+    from ckptsurgeon.formats.prehash import SourceDigests
+
+    digests = SourceDigests.start(local_path(source)) if source is not None else None
+    try:
+        yield
+    finally:
+        if digests is not None:
+            digests.stop()
+
+
+def write_report(path: str, report: Mapping[str, Any]) -> None:
+    """Write ``report`` as JSON to ``path``: a regular file is replaced atomically; a pipe,
+    a link or /dev/stdout is written through, as a shell redirection would."""
+    from ckptsurgeon.errors import OutputError
+    from ckptsurgeon.formats.atomic import atomic_path
+
+    atomic = not os.path.lexists(path) or (os.path.isfile(path) and not os.path.islink(path))
+    place = atomic_path(path, is_dir=False, durable=False) if atomic else None
+    try:
+        with (
+            place or contextlib.nullcontext(path) as tmp,
+            open(tmp, "w", encoding="utf-8") as f,
+        ):
+            json.dump(dict(report), f, indent=2)
+            f.write("\n")
+    except OSError as exc:
+        raise OutputError(f"writing the report {path} failed: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -116,7 +206,7 @@ class Job:
             )
         spec = self.document.source_spec
         if spec is None:
-            raise UsageError("no source: give source: in the rules file or --source")
+            raise UsageError("no source: give source: in the rules file, or a source path")
         return SourceSpec(
             path=resolve(spec.path, self.base_dir),
             key=self.read.key if self.read.key is not None else spec.key,
@@ -237,30 +327,83 @@ class Job:
         *,
         dry_run: bool = False,
         finetune: bool = True,
+        skip_up_to_date: bool = False,
         write: WriteOptions = WriteOptions(),
         report_path: str | None = None,
-        log: Log = _log,
-    ) -> ApplyReport:
-        """Plan, check, write (unless ``dry_run``), then fine-tune when the document has a
-        ``finetune:`` section and ``finetune`` is true; returns the report.
+        reporter: Reporter | None = None,
+    ) -> ApplyResult:
+        """The whole ``apply``: unless the output is up to date (asked with
+        ``skip_up_to_date``), plan, check, write (unless ``dry_run``), then fine-tune when
+        the document has a ``finetune:`` section and ``finetune`` is true (a dry run
+        reports what it would train instead); the report is also written to
+        ``report_path``. Returns the result; ``reporter`` (default: log) is told what to
+        show as the steps go.
 
-        Raises PlanFailed (exit 1) when the result does not fit the target; nothing is
-        written. ``report_path`` (where the caller will write the report) is refused, as
-        the output is, when it would overwrite an input or the output, or has no folder.
+        Raises PlanFailed (exit 1) when the result does not fit the target, VerifyFailed
+        (exit 4) when it does not compute what the source computed; nothing is written but
+        the report, which each carries as ``.report``. ``report_path`` is refused, as the
+        output is, when it would overwrite an input or the output, or has no folder.
 
-        Under torchrun rank 0 plans and writes while the other ranks wait; then every rank
-        holds rank 0's report and fine-tunes (see :mod:`ckptsurgeon.engine.ranks`).
+        Under torchrun rank 0 checks, plans and writes while the other ranks wait; then
+        every rank holds rank 0's result and fine-tunes, and rank 0 writes the report (see
+        :mod:`ckptsurgeon.engine.ranks`).
         """
-        report = self._write(dry_run=dry_run, write=write, report_path=report_path)
-        if finetune and report.written is not None and self.document.finetune is not None:
-            report.finetune = self.finetune(
-                weights=report.written.path, read=ReadOptions(), log=log
-            )
-        return report
+        reporter = QuietReporter() if reporter is None else reporter
+        result = self._apply_on_rank_zero(
+            dry_run=dry_run,
+            skip_up_to_date=skip_up_to_date,
+            write=write,
+            report_path=report_path,
+            reporter=reporter,
+        )
+        report = result.report
+        main = launch().main
+        if report is not None and finetune and self.document.finetune is not None:
+            if report.written is not None:
+                report.finetune = self.finetune(
+                    weights=report.written.path, read=ReadOptions(), log=reporter.log
+                )
+            elif dry_run and main:
+                report.finetune_plan = self.finetune_plan()
+                reporter.finetune_plan(report.finetune_plan)
+        if report_path is not None and main:
+            write_report(report_path, result.to_dict())
+        return result
 
     @on_rank_zero
+    def _apply_on_rank_zero(
+        self,
+        *,
+        dry_run: bool,
+        skip_up_to_date: bool,
+        write: WriteOptions,
+        report_path: str | None,
+        reporter: Reporter,
+    ) -> ApplyResult:
+        """:meth:`run` up to the fine-tune, on rank 0 (the others receive its result); the
+        one rank-0 gate of an ``apply``."""
+        if skip_up_to_date and not dry_run and self.up_to_date():  # headers and stat: no torch
+            reporter.up_to_date(self.output_path)
+            return ApplyResult(self.output_path)
+        # Hashing starts before the imports below load torch (see hashing_ahead).
+        with hashing_ahead(None if dry_run else self.source_path):
+            from ckptsurgeon.engine.plan import PlanFailed
+            from ckptsurgeon.engine.verify import VerifyFailed
+
+            try:
+                with running(write.progress):
+                    report = self._write(dry_run=dry_run, write=write, report_path=report_path)
+            except (PlanFailed, VerifyFailed) as exc:
+                if report_path is not None and exc.report is not None:
+                    write_report(report_path, exc.report.to_dict())
+                raise
+        if skip_up_to_date:
+            report.up_to_date = False
+        reporter.planned(report)
+        return ApplyResult(report.output, report)
+
     def _write(self, *, dry_run: bool, write: WriteOptions, report_path: str | None) -> ApplyReport:
-        """:meth:`run` without the fine-tune, on rank 0 (the others receive its report)."""
+        """Plan, check and write (unless ``dry_run``): the report."""
         from ckptsurgeon.engine.plan import PlanFailed
         from ckptsurgeon.engine.report import Written
         from ckptsurgeon.engine.uptodate import RECORD_KEY
@@ -287,7 +430,7 @@ class Job:
         if dry_run:
             return report
         if plan.output is None:
-            raise UsageError("no output: give output.path in the rules file or --output")
+            raise UsageError("no output: give output.path in the rules file, or an output path")
         durable = spec.fsync and write.durable
         record = self.record()  # the inputs as they are before their data is read
         extras = self._extras(plan)
@@ -310,7 +453,6 @@ class Job:
             metadata=provenance(plan.source.path, {RECORD_KEY: record}),
             progress=write.progress,
             durable=durable,
-            prehashed=write.prehashed,
             before_commit=before_commit,
             format=spec.format,
         )
@@ -362,9 +504,9 @@ class Job:
         plan = self.plan()
         if plan.output is None or not os.path.exists(plan.output):
             raise UsageError(
-                f"no output at {plan.output} to verify: run apply first, or give --output"
+                f"no output at {plan.output} to verify: run apply first, or give the output path"
                 if plan.output
-                else "no output: give output.path in the rules file or --output"
+                else "no output: give output.path in the rules file, or an output path"
             )
         return self._verify(plan, plan.output)
 
@@ -401,7 +543,6 @@ class Job:
         """
         read = self.read if read is None else read
         from ckptsurgeon.engine.load import load_into
-        from ckptsurgeon.engine.ranks import launch
         from ckptsurgeon.finetune.runner import run_finetune
         from ckptsurgeon.targets.models import build_model
 
@@ -412,7 +553,7 @@ class Job:
             path = self.document.output_spec.path
             weights = resolve(path, self.base_dir) if path else None
         if not launch().main:  # under torchrun every rank trains; rank 0 alone reports
-            log = _quiet
+            log = logs.quiet
         model = build_model(model_spec, kwargs, self.base_dir, device="cpu")
         if weights is not None:
             if not os.path.exists(weights):
@@ -461,20 +602,16 @@ class Job:
         return plan(spec, build_model(model_spec, kwargs, self.base_dir, device="cpu"))
 
 
-def _quiet(message: str) -> None:
-    """The log of a rank other than 0."""
-
-
 def _check_report_path(report_path: str, inputs: list[str], output: str | None) -> None:
     """Refuse, before anything is written, a report that would land on an input or on the
     output, or in a folder that does not exist (the write would fail after the output)."""
     from ckptsurgeon.formats.atomic import refuse_overwriting_inputs
 
-    refuse_overwriting_inputs(report_path, inputs, what="--report")
+    refuse_overwriting_inputs(report_path, inputs, what="the report")
     if output is not None and within(os.path.realpath(report_path), os.path.realpath(output)):
-        raise UsageError(f"--report {report_path} would overwrite the output {output}")
+        raise UsageError(f"the report {report_path} would overwrite the output {output}")
     folder = os.path.dirname(os.path.abspath(report_path))
     if not os.path.isdir(folder):
-        raise UsageError(f"--report {report_path}: no folder {folder}")
+        raise UsageError(f"the report {report_path}: no folder {folder}")
     if os.path.isdir(report_path):
-        raise UsageError(f"--report {report_path} is a folder; give a file path")
+        raise UsageError(f"the report {report_path} is a folder; give a file path")

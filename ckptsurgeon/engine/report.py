@@ -77,7 +77,8 @@ class Written:
 @dataclass
 class ApplyReport:
     """The report of one ``apply``; ``written``, ``seconds``, ``verify`` and ``finetune`` are
-    set by the steps that ran (a dry run has none of them)."""
+    set by the steps that ran (a dry run has none of them, and ``finetune_plan`` instead
+    when the document fine-tunes)."""
 
     source: SourceInfo
     target: str | None
@@ -93,6 +94,8 @@ class ApplyReport:
     verify: VerifyResult | None = None
     finetune: dict[str, Any] | None = None
     up_to_date: bool | None = None  # asked with --skip-up-to-date: was it (then no plan)?
+    # A dry run of a document with a finetune: section: the freeze and phases it would train.
+    finetune_plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -116,4 +119,6 @@ class ApplyReport:
             out["finetune"] = self.finetune
         if self.up_to_date is not None:
             out["up_to_date"] = self.up_to_date
+        if self.finetune_plan is not None:
+            out["finetune_plan"] = self.finetune_plan
         return out
