@@ -4,6 +4,10 @@
 >>> tensors = ckptsurgeon.load("ckpt.pth")            # lazy mapping name -> tensor
 """
 
+import types
+from typing import Any
+
+from ckptsurgeon import finetune  # the subpackage (light: nothing of torch until it runs)
 from ckptsurgeon._version import __version__
 from ckptsurgeon.errors import (
     CkptSurgeonError,
@@ -16,9 +20,21 @@ from ckptsurgeon.errors import (
     VerifyError,
 )
 
-# Not "finetune": that name is the subpackage ckptsurgeon.finetune, which Python binds here
-# as soon as anything imports it; the command's function is ckptsurgeon.api.finetune.
 _COMMANDS = {"apply", "check", "convert", "diff", "inspect", "validate", "verify"}
+
+
+class _FinetunePackage(types.ModuleType):
+    """``ckptsurgeon.finetune`` names the runner's subpackage, which Python binds here as
+    soon as anything imports it, and every command has its function (SPEC): so calling the
+    package runs the ``finetune`` command (:func:`ckptsurgeon.commands.finetune`)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ckptsurgeon.commands import finetune as command
+
+        return command(*args, **kwargs)
+
+
+finetune.__class__ = _FinetunePackage
 
 
 def __getattr__(name: str):
@@ -50,6 +66,7 @@ __all__ = [
     "check",
     "convert",
     "diff",
+    "finetune",
     "inspect",
     "load",
     "load_into",

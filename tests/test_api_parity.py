@@ -144,9 +144,12 @@ def test_finetune_dry_run(run_cli, tmp_path: Path) -> None:
         "  freeze: {modules: [features], except: ['^fc\\.']}\n"
         "  phases: [{epochs: 1, frozen: true, lr: 0.05}]\n"
     )
-    # ckptsurgeon.finetune is the subpackage; the command's function lives in the API.
-    result = api.finetune(tmp_path / "ft.yaml", dry_run=True)
+    # ckptsurgeon.finetune is also the runner's subpackage: calling it runs the command.
+    import ckptsurgeon.finetune.runner  # binds the subpackage here, as any such import does
+
+    result = ckptsurgeon.finetune(tmp_path / "ft.yaml", dry_run=True)
     assert result.to_dict() == cli_json(run_cli, "finetune", tmp_path / "ft.yaml", "--dry-run")
+    assert api.finetune(tmp_path / "ft.yaml", dry_run=True).to_dict() == result.to_dict()
 
 
 def test_apply_dry_run_and_write(run_cli, project: Path) -> None:

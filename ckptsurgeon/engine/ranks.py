@@ -78,7 +78,6 @@ class Gate:
     result: Any = None
 
 
-_inside = False  # in rank 0's block: a nested gate (apply's write inside the CLI's) just runs
 _gates = 0  # gates entered by this process, counted alike on every rank: each has its own keys
 
 
@@ -87,12 +86,13 @@ def rank_zero_first() -> Iterator[Gate]:
     """Run the block on rank 0 only; on leaving it, the other ranks receive rank 0's
     ``result``, or raise :class:`RankZeroFailed` with the exit code rank 0 failed with.
 
-    Outside torchrun (one rank), and nested inside another such block, the block simply
-    runs. A failure on rank 0 is re-raised there after the other ranks have been told.
+    Outside torchrun (one rank) the block simply runs. Gates do not nest: each command has
+    one (``Job.run``'s, ``convert``'s). A failure on rank 0 is re-raised there after the
+    other ranks have been told.
     """
-    global _inside, _gates
+    global _gates
     here = launch()
-    if here.world <= 1 or _inside:
+    if here.world <= 1:
         yield Gate(True)
         return
     _gates += 1
@@ -105,14 +105,11 @@ def rank_zero_first() -> Iterator[Gate]:
                 raise RankZeroFailed(f"rank 0 failed (exit {code}): {message}", code)
             gate.result = pickle.loads(payload)
             return
-        _inside = True
         try:
             yield gate
         except BaseException as exc:
             channel.send(_exit_code(exc) or 1, _first_line(exc), b"")
             raise
-        finally:
-            _inside = False
         try:
             payload = pickle.dumps(gate.result)
         except Exception as exc:  # told to the others before it surfaces here

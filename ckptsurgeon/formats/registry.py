@@ -19,7 +19,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from ckptsurgeon import plugins
-from ckptsurgeon.errors import CkptSurgeonError, InputError, UsageError
+from ckptsurgeon.errors import InputError, UsageError
 from ckptsurgeon.formats.family import Format, Output, Probe, Sniff
 from ckptsurgeon.formats.index import find_index
 
@@ -149,11 +149,9 @@ def _best_sniff(probe: Probe) -> tuple[Family, Sniff] | None:
     for family in families():
         try:
             sniff = family.format.sniff(probe)
-        except CkptSurgeonError:
-            if family.distribution is None:
-                raise  # a built-in's message about a damaged input (a ZeRO folder's tag)
-            sniff = _sniff_failed(family, probe, "raised an error")
         except Exception as exc:
+            if family.distribution is None:
+                raise  # about the input: a ZeRO folder's bad tag, an unreadable file
             sniff = _sniff_failed(family, probe, f"raised {type(exc).__name__}: {exc}")
         if sniff is not None and (best is None or sniff.confidence > best[1].confidence):
             best = (family, sniff)
