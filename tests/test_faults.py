@@ -291,6 +291,11 @@ def test_succeeding_rerun_replaces_atomically(
             try:
                 names = sorted(os.listdir(out))
                 index = json.loads((out / INDEX).read_text())
+                # A listing that raced the swap may be of the old folder being deleted
+                # after it was moved away (no reader opening the path sees that): only a
+                # listing that holds still around the index read counts.
+                if sorted(os.listdir(out)) != names:
+                    continue
             except (FileNotFoundError, json.JSONDecodeError):
                 seen.append("absent")
                 continue
