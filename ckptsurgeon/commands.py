@@ -19,15 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from ckptsurgeon.engine.ranks import on_rank_zero
 from ckptsurgeon.errors import InputError, UsageError
-from ckptsurgeon.job import (
-    Job,
-    QuietReporter,
-    ReadOptions,
-    Reporter,
-    WriteOptions,
-    hashing_ahead,
-    running,
-)
 from ckptsurgeon.results import (
     ApplyResult,
     ConvertResult,
@@ -40,6 +31,7 @@ from ckptsurgeon.results import (
 
 if TYPE_CHECKING:
     from ckptsurgeon.formats.writer import Progress
+    from ckptsurgeon.job import Reporter
     from ckptsurgeon.targets.check import CheckResult
 
 __all__ = ["apply", "check", "convert", "diff", "finetune", "inspect", "validate", "verify"]
@@ -205,6 +197,8 @@ def convert(
 
     Under torchrun rank 0 converts while the other ranks wait, and every rank returns what
     rank 0 wrote (see :mod:`ckptsurgeon.engine.ranks`)."""
+    from ckptsurgeon.job import hashing_ahead, running
+
     # With a dtype every floating tensor is converted, not copied: little to hash ahead.
     with hashing_ahead(None if dtype else source):
         from ckptsurgeon.formats import open_checkpoint
@@ -261,6 +255,8 @@ def verify(
     """Run a rules file's ``verify:`` section on its written output (``output`` overrides
     the file's): does it compute what the source computed? The result has ``ok`` and reads
     as the report ``ckptsurgeon verify --json`` prints."""
+    from ckptsurgeon.job import Job, ReadOptions
+
     job = Job.from_file(
         rules, source=source, output=output, read=ReadOptions(key, tuple(allow_globals))
     )
@@ -281,6 +277,8 @@ def finetune(
     (default: the file's) or, with ``resume``, from the last completed epoch; with
     ``dry_run`` nothing is trained and the result is the freeze and phases it would train.
     ``reporter`` receives the progress lines (default: the ``ckptsurgeon`` logger)."""
+    from ckptsurgeon.job import Job, QuietReporter, ReadOptions
+
     job = Job.from_file(config, read=ReadOptions(key, tuple(allow_globals)))
     if dry_run:
         return FinetuneResult(job.finetune_plan(), dry_run=True)
@@ -318,6 +316,8 @@ def apply(
     (nothing is written), VerifyError when it does not compute what the source computed,
     RulesError for invalid rules, InputError for bad input.
     """
+    from ckptsurgeon.job import Job, ReadOptions, WriteOptions
+
     read = ReadOptions(key, tuple(allow_globals))
     if isinstance(rules, Mapping):
         job = Job.from_mapping(rules, source=source, output=output, read=read)
