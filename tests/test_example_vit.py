@@ -22,6 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 TO_HF = REPO / "rules" / "timm_vit_to_hf_vit.yaml"
 TO_TIMM = REPO / "rules" / "hf_vit_to_timm_vit.yaml"
+V5_KEY = "vit.layers.0.attention.q_proj.weight"  # transformers >= 5, what the rules name
+V4_KEY = "vit.encoder.layer.0.attention.attention.query.weight"  # transformers 4.x
 
 
 def target_kwargs(rules: Path) -> dict:
@@ -42,8 +44,19 @@ def timm_vit(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
     """A seeded timm ViT whose every tensor (biases, norms, head too) is non-trivial."""
     with torch.device("meta"):
         hf_keys = build_hf().state_dict().keys()
-    if "vit.layers.0.attention.q_proj.weight" not in hf_keys:
-        pytest.skip("the example rules use the transformers >= 5 ViT key names")
+    # The rules name transformers 5's ViT keys. transformers 4.x (the project allows 4.45)
+    # names them differently, so the example cannot apply there: the only reason to skip.
+    # Any other layout is a rename the rules must follow: a failure, not a skip.
+    if V5_KEY not in hf_keys:
+        if V4_KEY in hf_keys:
+            pytest.skip(
+                f"the example rules use the transformers >= 5 ViT key names ({V5_KEY}); "
+                f"transformers {transformers.__version__} has the 4.x layout ({V4_KEY})"
+            )
+        pytest.fail(
+            f"transformers {transformers.__version__}'s ViT has neither {V5_KEY} nor "
+            f"{V4_KEY}: update {TO_HF.name} and {TO_TIMM.name}"
+        )
     torch.manual_seed(0)
     model = build_timm()
     with torch.no_grad():

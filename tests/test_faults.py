@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -329,21 +330,30 @@ def test_succeeding_rerun_replaces_atomically(
 # a full disk
 
 
+def _cannot_mount(why: str) -> None:
+    """No tmpfs: a skip on a developer's machine, a failure in CI (CI=true), where the
+    disk-full tests going quiet would hide a regression behind one line of ``-ra``."""
+    message = f"cannot mount a tmpfs here ({why}): the disk-full (ENOSPC) tests need one"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; run CI as root or in a container allowed to mount")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
-    """An 8 MiB tmpfs (we run as root in CI); skipped only where one cannot be mounted."""
+    """An 8 MiB tmpfs (we run as root in CI). Where one cannot be mounted: skipped, or failed
+    under CI=true. The same write failures without a mount: ``test_file_size_limit_*``."""
     mount = tmp_path / "small"
     mount.mkdir()
-    try:
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-            capture_output=True,
-            text=True,
-        )
-    except FileNotFoundError:
-        pytest.skip("no mount command")
+    if shutil.which("mount") is None:
+        _cannot_mount("no mount command")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        _cannot_mount(proc.stderr.strip() or f"mount exited {proc.returncode}")
     try:
         yield mount
     finally:
@@ -409,6 +419,65 @@ def test_disk_full_rerun_keeps_the_previous_output(
     assert _snapshot(out) == before
     assert sorted(os.listdir(small_disk)) == ["out"]
     assert _used(small_disk) == used
+
+
+def _run_with_file_size_limit(*args: object, limit: int = 2 << 20) -> subprocess.CompletedProcess:
+    """The real CLI with ``RLIMIT_FSIZE`` at ``limit``: a write past it fails with EFBIG
+    (Python ignores SIGXFSZ), the same failed write as a full disk, reached without mounting
+    anything, as any user."""
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "ckptsurgeon", *map(str, args)],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "output, dtype",
+    [
+        ("out.safetensors", None),
+        ("out.safetensors", "bfloat16"),
+        ("out.pt", None),
+        ("new/parents/out", None),
+    ],
+    ids=["copy", "cast", "torch", "folder-in-new-folders"],
+)
+def test_file_size_limit_is_a_clear_error_and_leaves_nothing(
+    tmp_path: Path, sixteen_mib: Path, output: str, dtype: str | None
+) -> None:
+    """A write that fails part-way (EFBIG past a 2 MiB file size limit; every output here
+    is 8 MiB or more, every shard 3 MB): exit 1, the OS's reason, nothing left behind."""
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    (folder / "other").write_bytes(b"not ours")
+    args = ["--max-shard-size", "3MB"] if output.startswith("new/") else []
+    dtypes = ["--dtype", dtype] if dtype else []
+    proc = _run_with_file_size_limit("convert", sixteen_mib, folder / output, *dtypes, *args)
+    assert_clean_failure(proc, OutputError.exit_code, "File too large", "nothing was written")
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+    assert sorted(os.listdir(folder)) == ["other"]
+
+
+def test_file_size_limit_rerun_keeps_the_previous_output(tmp_path: Path, sixteen_mib: Path) -> None:
+    """From the real CLI, without a mount: a small good output exists, the bigger re-run
+    cannot be written."""
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    out = folder / "out"
+    before = _old_output(out)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f"version: 1\nsource: {sixteen_mib}\noutput: {{path: {out}, max_shard_size: 3MB}}\n"
+        "rules:\n  - {op: rename, pattern: '^', replace: 'model.'}\n"
+    )
+    proc = _run_with_file_size_limit("apply", rules, "--quiet")
+    assert_clean_failure(proc, 1, "File too large", "nothing was written")
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+    assert _snapshot(out) == before
+    assert sorted(os.listdir(folder)) == ["out"]
 
 
 # --------------------------------------------------------------------------------------

@@ -69,16 +69,27 @@ def test_freeze_selection_by_modules_patterns_children_and_except() -> None:
     assert by_pattern == {"features.0.weight"}
 
 
+BATCHNORMS = ("features.1", "features.4")
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def bn_statistics(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{m}.{s}": state[f"{m}.{s}"].clone() for m in BATCHNORMS for s in STATISTICS}
+
+
 def test_frozen_batchnorm_stays_in_eval_even_after_parent_train() -> None:
     model = digits_cnn(2)
     backbone = backbone_names(model, FreezeSpec(modules=["features"]))
     locked = set_frozen(model, backbone, frozen=True, train_bn=False)
     assert locked == ["features.1", "features.4"]
     before = model.features[1].running_mean.clone()
+    statistics = bn_statistics(model.state_dict())
     model.train()  # a parent's train() must not switch the frozen BN back
     assert not model.features[1].training and model.fc.training
     model(torch.randn(8, 1, 8, 8))
     assert torch.equal(model.features[1].running_mean, before)
+    for name, value in bn_statistics(model.state_dict()).items():
+        assert torch.equal(value, statistics[name]), name
     assert not any(p.requires_grad for p in model.features.parameters())
     set_frozen(model, backbone, frozen=False, train_bn=False)  # unfreezing releases the lock
     model.train()
@@ -88,9 +99,43 @@ def test_frozen_batchnorm_stays_in_eval_even_after_parent_train() -> None:
 
 
 def test_train_bn_true_lets_statistics_move() -> None:
+    torch.manual_seed(0)
     model = digits_cnn(2)
     backbone = backbone_names(model, FreezeSpec(modules=["features"]))
     assert set_frozen(model, backbone, frozen=True, train_bn=True) == []
+    before = bn_statistics(model.state_dict())
+    model.train()
+    assert all(model.get_submodule(m).training for m in BATCHNORMS)
+    model(torch.randn(8, 1, 8, 8) * 3 + 1)
+    after = bn_statistics(model.state_dict())
+    for name in before:
+        assert not torch.equal(after[name], before[name]), f"{name} did not move"
+    assert not any(p.requires_grad for p in model.features.parameters())  # still frozen
+
+
+@pytest.mark.parametrize("train_bn", [True, False], ids=["train_bn", "locked"])
+def test_a_frozen_phase_moves_bn_statistics_only_with_train_bn(data: Path, train_bn: bool) -> None:
+    """The runner's frozen phase: the backbone's weights stay bit for bit either way; its
+    BatchNorm statistics follow the training data with train_bn, and stay bit for bit
+    without it."""
+    torch.manual_seed(0)
+    model = digits_cnn(2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    s = spec(
+        data,
+        freeze={**FREEZE, "train_bn": train_bn},
+        phases=[{"epochs": 1, "frozen": True, "lr": 0.05}],
+        cache_features=False,
+    )
+    run_finetune(s, model, base_dir=str(data), log=quiet)
+    after = load_file(data / "run" / "last.safetensors")
+    statistics = bn_statistics(start)
+    for name, value in start.items():
+        if not name.startswith("features."):
+            continue
+        moved = not torch.equal(after[name], value)
+        assert moved == (train_bn and name in statistics), name
+    assert not torch.equal(after["fc.weight"], start["fc.weight"])  # the head trained
 
 
 def test_optimizer_groups_scale_backbone_lr_and_skip_decay_on_biases_and_norms() -> None:

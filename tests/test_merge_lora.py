@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shlex
 import shutil
 import sys
 from collections.abc import Callable
@@ -418,6 +420,46 @@ def test_torch_bin_adapter_is_read_weights_only(made, tmp_path: Path) -> None:
     torch.save(tensors, adapter / "adapter_model.bin")
     merge(case.base, adapter, tmp_path / "out.safetensors")
     assert_matches_peft(state_of(tmp_path / "out.safetensors"), case)
+
+
+class _Reduce:
+    """Pickles as ``fn(*args)``: what a hostile ``.bin`` hides in its pickle."""
+
+    def __init__(self, fn: Callable, args: tuple) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple:
+        return self.fn, self.args
+
+
+def test_hostile_torch_bin_adapter_is_refused_and_never_run(made, tmp_path: Path, run_cli) -> None:
+    """An ``adapter_model.bin`` whose pickle calls ``os.system`` (next to a valid config
+    and the adapter's real tensors), merged by a rules file through the CLI: refused with
+    exit 3 naming the global, the command never runs, nothing is written."""
+    case = made("llama_plain")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    shutil.copy(case.adapter / "adapter_config.json", adapter)
+    sentinel = tmp_path / "SENTINEL"
+    tensors = state_of(case.adapter / "adapter_model.safetensors")
+    hostile = _Reduce(os.system, (f"touch {shlex.quote(str(sentinel))}",))
+    weights = adapter / "adapter_model.bin"
+    torch.save({**tensors, "payload": hostile}, weights)
+    assert not sentinel.exists()
+    before = weights.read_bytes()
+    output = tmp_path / "out.safetensors"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f"version: 1\nsource: {case.base}\noutput: {output}\n"
+        f"rules:\n  - {{op: merge_lora, adapter: {adapter}}}\n"
+    )
+    proc = run_cli("apply", rules)
+    assert not sentinel.exists(), "the pickle's payload ran"
+    assert_clean_failure(proc, 3, "adapter_model.bin", f"{os.system.__module__}.system")
+    assert not output.exists()
+    assert weights.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "rules.yaml"]
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", weights.name]
 
 
 def test_example_rules_file(tmp_path: Path, run_cli) -> None:

@@ -257,15 +257,18 @@ def test_memory_stays_flat_while_casting_a_large_file(tmp_path: Path) -> None:
 
 
 def test_prehashed_digests_are_the_bytes_sha256(source) -> None:
-    path, _ = source
+    path, tensors = source
     digests = prehash.SourceDigests([str(path)])
+    digests.wait()  # the thread has been through the file: every tensor has its digest
     header = safetensors_header.read_header(str(path))
+    assert set(header.tensors) == set(tensors)
     data = path.read_bytes()
-    for begin, end in (info["data_offsets"] for info in header.tensors.values()):
+    for name, info in header.tensors.items():
+        begin, end = info["data_offsets"]
         start = header.data_start + begin
         want = hashlib.sha256(data[start : header.data_start + end]).digest()
         got = digests.claim((header.file, start, end - begin))
-        assert got in (want, None)  # None only if not reached yet
+        assert got == want, name  # never None: nothing was left for the caller to hash
     digests.stop()
     assert digests.claim((header.file, 0, 8)) is None  # never a span it hashed
 
