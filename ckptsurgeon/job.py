@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from ckptsurgeon.formats.writer import Progress
     from ckptsurgeon.rules.finetune import FinetuneSpec
 
-# The library logs; the CLI passes its own printer (stdout, or stderr beside --json).
-_log = logs.info
-
 
 class Reporter(Protocol):
     """What an ``apply`` shows while it runs, on rank 0 (``log``: on every rank that
@@ -67,10 +64,10 @@ class QuietReporter:
     ``ckptsurgeon`` logger; the plan is in the returned report, so it is not shown."""
 
     def log(self, message: str) -> None:
-        _log(message)
+        logs.info(message)
 
     def up_to_date(self, output: str | None) -> None:
-        _log(f"up to date: {output} was made from the same inputs and rules")
+        logs.info(f"up to date: {output} was made from the same inputs and rules")
 
     def planned(self, report: ApplyReport) -> None:
         pass
@@ -533,7 +530,7 @@ class Job:
         weights: str | None = None,
         read: ReadOptions | None = None,
         resume: bool = False,
-        log: Log = _log,
+        log: Log = logs.info,
     ) -> dict[str, Any]:
         """Build the model the ``finetune:`` section names, load its weights, and train it.
 

@@ -12,6 +12,7 @@ these values before torch is loaded, if it is loaded at all.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,9 @@ class Result(Mapping[str, Any]):
     """A command's result; read as a mapping it is its ``to_dict()`` (computed per access:
     call ``to_dict()`` once when reading many fields)."""
 
+    @abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What the command prints with ``--json``."""
 
     def __getitem__(self, name: str) -> Any:
         return self.to_dict()[name]

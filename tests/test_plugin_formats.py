@@ -145,6 +145,9 @@ BROKEN = {
 
             def sniff(self, probe):
                 return Sniff("dup", 1.0)  # would claim everything if it were let in
+
+            def open(self, request):
+                raise AssertionError("never asked")
         """,
     "sniffy.py": """
         from ckptsurgeon.formats.family import Format
@@ -155,6 +158,9 @@ BROKEN = {
 
             def sniff(self, probe):
                 raise RuntimeError("sniff blew up")
+
+            def open(self, request):
+                raise AssertionError("never asked")
         """,
     "liar.py": """
         from ckptsurgeon.formats.checkpoint import Checkpoint

@@ -15,6 +15,7 @@ header-only ``inspect`` stay torch-free.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -103,10 +104,12 @@ class WriteRequest:
 Items = Sequence[tuple[str, "TensorRef"]]
 
 
-class Format:
-    """A checkpoint format family. Subclasses set the class attributes and override the
-    methods their format supports; a plug-in declares its subclass as an entry point in the
-    group ``ckptsurgeon.formats``."""
+class Format(ABC):
+    """A checkpoint format family. Subclasses set the class attributes, implement
+    :meth:`sniff` and :meth:`open` (every family reads), and override the other methods
+    their format supports; a plug-in declares its subclass as an entry point in the group
+    ``ckptsurgeon.formats`` (one that leaves sniff or open out cannot be built, and is
+    skipped with a warning)."""
 
     name: ClassVar[str]  # the family, and the output.format / convert --format name
     description: ClassVar[str] = ""  # one line, for `ckptsurgeon env`
@@ -122,14 +125,14 @@ class Format:
     folder_suffixes: ClassVar[tuple[str, ...]] = ()
     outputs: ClassVar[tuple[Output, ...]] = ()  # empty: the family only reads
 
+    @abstractmethod
     def sniff(self, probe: Probe) -> Sniff | None:
         """This family's claim on ``probe``, or None. Must not raise for a file that is
         not its format; reads no more than it needs."""
-        return None
 
+    @abstractmethod
     def open(self, request: ReadRequest) -> Checkpoint:
         """The checkpoint as lazy tensor refs: headers and indexes read, data not."""
-        raise NotImplementedError(f"{self.name}: reading")
 
     def open_header(self, request: ReadRequest) -> Checkpoint | None:
         """The checkpoint from its headers alone, without importing torch (``inspect``);
@@ -147,7 +150,8 @@ class Format:
         return {}
 
     def check_names(self, names: Sequence[str]) -> None:
-        """Raise FitError for a tensor name this format cannot hold."""
+        """Raise FitError for a tensor name this format cannot hold (most hold any)."""
+        return None
 
     def write(self, tmp: str, items: Items, request: WriteRequest) -> list[str]:
         """Write ``items`` to ``tmp`` (the temporary file, or the temporary folder to fill);

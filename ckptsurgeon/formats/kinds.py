@@ -13,8 +13,3 @@ def output_kind(path: str, format: str | None = None) -> str:
     :func:`~ckptsurgeon.formats.registry.output_format_names` lists) when given, which
     must agree with the suffix (UsageError otherwise)."""
     return registry.output_for(path, format)[1].kind
-
-
-def is_folder(path: str, format: str | None = None) -> bool:
-    """Whether the output at ``path`` is written as a folder."""
-    return registry.output_for(path, format)[1].folder

@@ -84,6 +84,8 @@ def families() -> tuple[Family, ...]:
     formats = {fmt for f in found for fmt in f.format.formats}
     kinds = {o.kind for f in found for o in f.format.outputs}
 
+    made: list[Format] = []  # each accepted plug-in's instance, built once
+
     def accept(name: str, obj: Any) -> str | None:
         fmt = _instance(obj)
         if fmt is None:
@@ -96,10 +98,11 @@ def families() -> tuple[Family, ...]:
         names.add(fmt.name)
         formats.update(fmt.formats)
         kinds.update(o.kind for o in fmt.outputs)
+        made.append(fmt)
         return None
 
-    for dist, obj in plugins.load_group(plugins.FORMATS_GROUP, accept):
-        found.append(Family(_instance(obj), dist))  # type: ignore[arg-type]
+    accepted = plugins.load_group(plugins.FORMATS_GROUP, accept)
+    found += [Family(fmt, dist) for fmt, (dist, _) in zip(made, accepted, strict=True)]
     return tuple(found)
 
 

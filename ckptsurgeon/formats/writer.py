@@ -16,7 +16,7 @@ from ckptsurgeon._version import __version__
 from ckptsurgeon.errors import OutputError, UsageError
 from ckptsurgeon.formats import prehash, registry
 from ckptsurgeon.formats.atomic import atomic_path, check_replaceable
-from ckptsurgeon.formats.family import WriteRequest
+from ckptsurgeon.formats.family import Output, WriteRequest
 
 if TYPE_CHECKING:
     from ckptsurgeon.formats.prehash import SourceDigests
@@ -60,6 +60,13 @@ def check_output(
     it and tensors called ``names`` (lets a dry run fail exactly where the real run would):
     UsageError for a bad path, format or shard size or an existing path it may not replace
     (:func:`check_replaceable`), FitError for a name the format cannot hold."""
+    return _checked_output(path, max_shard_size, names, format)[1].kind
+
+
+def _checked_output(
+    path: str, max_shard_size: int | str | None, names: Iterable[str], format: str | None
+) -> tuple[registry.Family, Output]:
+    """:func:`check_output`'s checks; the family and output that will be written."""
     family, output = registry.output_for(path, format)
     if max_shard_size is not None:
         if not output.folder:
@@ -67,7 +74,7 @@ def check_output(
         parse_size(max_shard_size)
     check_replaceable(os.path.abspath(path), is_dir=output.folder)
     family.format.check_names(list(names))
-    return output.kind
+    return family, output
 
 
 def plan_shards(
@@ -129,8 +136,7 @@ def write_checkpoint(
     ``before_commit`` is called with the temporary file or folder once every byte is
     written, before it is moved into place; if it raises, nothing appears at ``path``.
     """
-    kind = check_output(path, max_shard_size, table.keys(), format)
-    family, output = registry.output_for(path, format)
+    family, output = _checked_output(path, max_shard_size, table.keys(), format)
     items = list(table.items())
     total = sum(ref.nbytes for _, ref in items)
     on_bytes = None
@@ -157,4 +163,4 @@ def write_checkpoint(
             f"writing {path} failed, nothing was written: {exc.strerror or exc}"
         ) from None
     files = [os.path.join(path, n) for n in names] if output.folder else [path]
-    return WriteResult(path, kind, files, total)
+    return WriteResult(path, output.kind, files, total)
