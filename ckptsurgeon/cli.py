@@ -139,18 +139,18 @@ def _output_format_names() -> tuple[str, ...]:
 
 
 def _plugin_warnings_on_one_line() -> None:
-    """Print each :class:`~ckptsurgeon.plugins.PluginWarning` as one line
+    """Print each :class:`~ckptsurgeon.errors.CkptSurgeonWarning` as one line
     ``ckptsurgeon: warning: MESSAGE`` on stderr instead of Python's two-line form (file,
     line and source of the ``warnings.warn`` call mean nothing to a user); any other
     warning is shown as before."""
-    from ckptsurgeon.plugins import PluginWarning
+    from ckptsurgeon.errors import CkptSurgeonWarning
 
     shown = warnings.showwarning
     if getattr(shown, "_ckptsurgeon", False):  # installed by an earlier call in this process
         return
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if isinstance(category, type) and issubclass(category, PluginWarning):
+        if isinstance(category, type) and issubclass(category, CkptSurgeonWarning):
             _stderr(f"warning: {message}")
         else:
             shown(message, category, filename, lineno, file, line)

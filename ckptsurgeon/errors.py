@@ -67,3 +67,8 @@ class PluginError(CkptSurgeonError):
     than tensors): the fault is that plug-in's, named in the message, not the input's."""
 
     exit_code = INTERNAL_ERROR
+
+
+class CkptSurgeonWarning(UserWarning):
+    """Something the user should know that does not stop the run (a skipped plug-in, verify
+    inputs that cannot show a change); the CLI prints it as one ``warning:`` line."""

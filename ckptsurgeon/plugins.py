@@ -20,11 +20,13 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any
 
+from ckptsurgeon.errors import CkptSurgeonWarning
+
 FORMATS_GROUP = "ckptsurgeon.formats"
 OPS_GROUP = "ckptsurgeon.ops"
 
 
-class PluginWarning(UserWarning):
+class PluginWarning(CkptSurgeonWarning):
     """A plug-in was skipped; the built-ins and every other plug-in still work."""
 
 

@@ -8,14 +8,19 @@ When they diverge, the first module responsible is found by walking the module t
 the candidate: modules are matched across the two models through the plan (a module whose
 parameters all came from one reference module is that module, whatever it is called now),
 and at each level the first matched child whose output diverges while its input agrees is
-descended into. Modules whose weights were re-initialised are expected to differ; modules
-whose rows were reordered on purpose (``permute_rope``) or split apart are not comparable
-one by one and are skipped.
+descended into. Modules whose weights were re-initialised are expected to differ. A layer
+whose rows the plan moved (``permute_rope``, ``split``, ``merge``) is compared with the
+reference outputs carried through the same moves: the plan is replayed on element indices
+(:func:`~ckptsurgeon.formats.table.replay`), which says which reference output feature
+each of its output features is; a layer for which that cannot be derived is reported as
+not compared, by name, and its ancestors are still compared.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,9 +30,9 @@ import torch
 from torch import nn
 
 from ckptsurgeon.engine.rewrite import run_rules
-from ckptsurgeon.errors import UsageError, VerifyError
+from ckptsurgeon.errors import CkptSurgeonWarning, UsageError, VerifyError
 from ckptsurgeon.formats.reader import open_checkpoint
-from ckptsurgeon.formats.table import Table, parse_dtype
+from ckptsurgeon.formats.table import Table, TensorRef, parse_dtype, replay
 from ckptsurgeon.paths import resolve
 from ckptsurgeon.rules.config import SourceSpec
 from ckptsurgeon.rules.document import RulesFile
@@ -54,6 +59,23 @@ TOP1_AGREEMENT = 0.99
 FRESH_VERBS = frozenset({"reinit", "filled", "resized"})
 # Verbs after which a module's output is reordered or cut apart on purpose.
 RELAYOUT_VERBS = frozenset({"permuted", "split", "merged"})
+# Verbs that move elements without computing new values: a history made only of these
+# can be replayed on element indices to find where each element came from.
+RENAMING_VERBS = frozenset({"renamed", "stripped", "prefixed", "mapped", "copied", "cast"})
+MOVING_VERBS = RELAYOUT_VERBS | RENAMING_VERBS | {"transposed", "reshaped"}
+# Where a layer keeps its output features: (dim of its weight, dim of its output), found by
+# class (through the class's bases). Modules not listed whose weight is 1-D (norms) scale
+# the last dim of their output feature by feature.
+FEATURE_DIMS: dict[str, tuple[int, int]] = {
+    "Linear": (0, -1),
+    "Conv1D": (1, -1),  # transformers' GPT-2 layer: weight [in, out]
+    "_ConvTransposeNd": (1, 1),  # weight [in, out, ...]
+    "_ConvNd": (0, 1),
+    "Embedding": (1, -1),
+    "LayerNorm": (0, -1),
+    "_NormBase": (0, 1),  # BatchNorm, InstanceNorm
+    "GroupNorm": (0, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,10 @@ class VerifyResult:
     rtol: float
     first_divergence: Comparison | None = None
     expected_to_differ: list[str] = field(default_factory=list)
+    # Modules the search for the first divergence could not compare: name -> why.
+    not_compared: dict[str, str] = field(default_factory=dict)
+    # Why the inputs may not show what the rules changed.
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         first = self.first_divergence
@@ -111,12 +137,16 @@ class VerifyResult:
             "compared": [c.to_dict() for c in self.compared],
             "first_divergence": first.to_dict() if first else None,
             "expected_to_differ": self.expected_to_differ,
+            "not_compared": self.not_compared,
+            "warnings": self.warnings,
         }
 
     def lines(self) -> list[str]:
         out = [("ok   " if c.ok else "FAIL ") + c.line() for c in self.compared]
         if self.first_divergence is not None:
             out.append("first module to diverge: " + self.first_divergence.line())
+        out += [f"not compared: {name} ({why})" for name, why in self.not_compared.items()]
+        out += [f"warning: {w}" for w in self.warnings]
         return out
 
 
@@ -175,6 +205,66 @@ def make_inputs(
         else:
             kwargs[item.name] = value.to(device)
     return args, kwargs
+
+
+class VerifyInputsWarning(CkptSurgeonWarning):
+    """verify's inputs cannot show something the rules changed."""
+
+
+# Keys holding positions: what an input of length 1 never exercises.
+POSITIONAL = re.compile(r"pos(ition)?_?(emb|ids)|rotary|rope|wpe", re.IGNORECASE)
+
+
+def input_warnings(
+    inputs: dict[str, torch.Tensor],
+    plan: Table,
+    candidate: nn.Module,
+    highs: dict[str, int] | None = None,
+) -> list[str]:
+    """Why ``inputs`` may not show what the plan changed: a sequence length of 1 with rotary
+    rows or position tensors in the plan, a batch of identical samples, token ids whose
+    bound (``highs``, by input name; else the largest id drawn) reaches few rows of the
+    model's largest embedding."""
+    found = []
+    permuted = any("permuted" in _verbs(ref) for ref in plan.values())
+    positional = next((k for k in plan if POSITIONAL.search(k)), None)
+    vocab = max(
+        (
+            (m.num_embeddings, n)
+            for n, m in candidate.named_modules()
+            if isinstance(m, nn.Embedding)
+        ),
+        default=None,
+    )
+    for name, x in inputs.items():
+        tokens = not x.is_floating_point() and x.dtype != torch.bool and x.dim() == 2
+        if tokens and x.shape[1] == 1 and (permuted or positional):
+            what = "permute_rope's rows" if permuted else f"position tensors ({positional})"
+            found.append(
+                f"{name}: sequence length 1 never reaches a second position (rotary embedding "
+                f"is the identity at position 0), so {what} cannot show in the outputs; "
+                "use 8 tokens or more"
+            )
+        if x.dim() >= 1 and x.shape[0] > 1 and all(torch.equal(x[0], y) for y in x[1:]):
+            found.append(
+                f"{name}: the {x.shape[0]} samples of the batch are all the same; anything "
+                "that mixes samples (batch statistics, a transposed batch dim) cannot show"
+            )
+        if tokens and vocab and name in ("input_ids", "inputs[0]"):
+            reached, (rows, embedding) = (highs or {}).get(name, int(x.max()) + 1), vocab
+            if reached * 2 < rows:
+                found.append(
+                    f"{name}: ids below {reached} reach {reached} of the {rows} rows of "
+                    f"{embedding}, so changes to the others cannot show; set high: {rows}"
+                )
+    return found
+
+
+def _highs(spec: VerifySpec) -> dict[str, int]:
+    """The ``high`` of each seeded integer input, by the name :func:`input_warnings` uses."""
+    positional = [item for item in spec.inputs if item.name is None]
+    named = {f"inputs[{positional.index(i)}]" if i.name is None else i.name: i for i in spec.inputs}
+    return {name: item.high for name, item in named.items() if item.high is not None}
 
 
 # -- recording module outputs -----------------------------------------------------------
@@ -302,13 +392,35 @@ def _keys_under(model: nn.Module) -> dict[str, frozenset[str]]:
     return out
 
 
+@dataclass(frozen=True)
+class _Carry:
+    """How a candidate layer's output features come from reference layers' outputs: the
+    reference outputs (features moved to the last dim) are concatenated in ``modules``
+    order and ``index`` picks the candidate's features from them, in order."""
+
+    modules: tuple[str, ...]
+    dims: tuple[int, ...]  # each reference module's output feature dim
+    dim: int  # the candidate's output feature dim
+    index: torch.Tensor
+    moves: str  # the plan's verbs, for the report
+
+    def apply(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        joined = torch.cat([o.movedim(d, -1) for o, d in zip(outputs, self.dims, strict=True)], -1)
+        return joined[..., self.index.to(joined.device)].movedim(-1, self.dim)
+
+
 @dataclass
 class _Pairing:
-    """Candidate module -> reference module, and what the plan did to each candidate one."""
+    """Candidate module -> reference module (or the reference layers its output features
+    are carried from), and what the plan did to each candidate module."""
 
     pairs: dict[str, str]
     fresh: set[str]
-    relayout: set[str]
+    carried: dict[str, _Carry] = field(default_factory=dict)
+    not_compared: dict[str, str] = field(default_factory=dict)
+
+    def reference_modules(self) -> set[str]:
+        return set(self.pairs.values()) | {m for c in self.carried.values() for m in c.modules}
 
 
 def match_modules(
@@ -316,9 +428,13 @@ def match_modules(
     candidate: nn.Module,
     result_plan: Table,
     reference_table: Table,
+    carry: bool = True,
 ) -> _Pairing:
     """Pair modules whose state comes from the same source keys: a candidate module matches
-    the reference module holding exactly the keys its own keys were made from."""
+    the reference module holding exactly the keys its own keys were made from. A layer whose
+    rows the plan moved (and a wrapper around only it) is carried instead (:class:`_Carry`;
+    deriving one replays its weight's plan, so ``carry=False`` leaves them out); its
+    ancestors pair as usual, since their outputs are not moved."""
     to_reference: dict[str, set[str]] = {}
     for name, ref in reference_table.items():
         for source in ref.sources:
@@ -328,31 +444,147 @@ def match_modules(
         by_keys.setdefault(held, []).append(name)
     reference_modules = {n for names in by_keys.values() for n in names}
 
-    pairs: dict[str, str] = {}
-    fresh: set[str] = set()
-    relayout: set[str] = set()
+    pairing = _Pairing({}, set())
+    carries: dict[str, _Carry | str] = {}
+    plan = _with_tied(result_plan, candidate)
     for name, held in _keys_under(candidate).items():
         made_from: set[str] = set()
         new_values = 0
+        moved: set[str] = set()
         for key in held:
-            ref = result_plan.get(key)
-            if ref is None or not ref.sources or {a.verb for a in ref.actions} & FRESH_VERBS:
+            ref = plan.get(key)
+            if ref is None or not ref.sources or _verbs(ref) & FRESH_VERBS:
                 new_values += 1
                 continue
-            if {a.verb for a in ref.actions} & RELAYOUT_VERBS:
-                relayout.add(name)
+            if _verbs(ref) & RELAYOUT_VERBS:
+                moved.add(key.rpartition(".")[0])
             for source in ref.sources:
                 made_from |= to_reference.get(source, set())
         if new_values == len(held):
-            fresh.add(name)
+            pairing.fresh.add(name)
+        if len(moved) == 1 and all(k.startswith(f"{next(iter(moved))}.") for k in held):
+            layer = moved.pop()  # ``name`` is that layer, or a wrapper around it alone
+            if not carry:
+                continue
+            if layer not in carries:
+                carries[layer] = _carry(
+                    candidate, reference, layer, plan, reference_table, to_reference
+                )
+            found = carries[layer]
+            if isinstance(found, _Carry):
+                pairing.carried[name] = found
+            elif name == layer:
+                pairing.not_compared[name] = found
+            continue
         same = by_keys.get(frozenset(made_from))
         if same and new_values == 0:
             # Wrappers holding the same keys (a Sequential around one Linear) record the
             # same output: the outermost pairs with a container, the innermost with a leaf.
-            pairs[name] = same[-1] if _is_leaf(candidate, name) else same[0]
+            pairing.pairs[name] = same[-1] if _is_leaf(candidate, name) else same[0]
         elif new_values == len(held) and name in reference_modules:
-            pairs[name] = name  # a re-initialised module keeps its place and its name
-    return _Pairing(pairs, fresh, relayout)
+            pairing.pairs[name] = name  # a re-initialised module keeps its place and its name
+    return pairing
+
+
+def _with_tied(plan: Table, model: nn.Module) -> Table:
+    """``plan`` with each name the model ties to a planned one (an embedding and its head)
+    planned as that one: loading either sets both."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    out = dict(plan)
+    for names in groups.values():
+        held = next((plan[n] for n in names if n in plan), None)
+        for name in names:
+            if held is not None and name not in plan:
+                out[name] = held
+    return out
+
+
+def _verbs(ref: TensorRef) -> set[str]:
+    return {a.verb for a in ref.actions}
+
+
+def feature_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(weight dim, output dim) of ``module``'s output features (:data:`FEATURE_DIMS`)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in FEATURE_DIMS:
+            return FEATURE_DIMS[cls.__name__]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return 0, -1
+    return None
+
+
+def _carry(
+    candidate: nn.Module,
+    reference: nn.Module,
+    layer: str,
+    result_plan: Table,
+    reference_table: Table,
+    to_reference: dict[str, set[str]],
+) -> _Carry | str:
+    """Which reference output feature each output feature of ``layer`` is, derived by
+    replaying the plan of its weight on element indices; or why that cannot be derived.
+
+    Every element of the weight must come from the weight of a reference layer, and the
+    elements of one output feature from one reference output feature, in the same places
+    along the other dims (so the candidate's feature computes what the reference's did)."""
+    dims = feature_dims(candidate.get_submodule(layer))
+    plan = result_plan.get(f"{layer}.weight")
+    if dims is None or plan is None:
+        return f"{type(candidate.get_submodule(layer)).__name__}: no known output feature dim"
+    if not _verbs(plan) <= MOVING_VERBS:
+        return "its weight was computed by the plan, not moved: " + ", ".join(sorted(_verbs(plan)))
+    starts: dict[str, tuple[int, int]] = {}  # source key -> (its first index, its numel)
+
+    def indices(leaf: TensorRef) -> torch.Tensor:
+        """A distinct number for every element of every source tensor the plan starts from."""
+        key = leaf.sources[0] if len(leaf.sources) == 1 else ""
+        if key not in starts:
+            starts[key] = (sum(n for _, n in starts.values()), leaf.numel)
+        start = starts[key][0]
+        return torch.arange(start, start + leaf.numel, dtype=torch.int64).reshape(leaf.shape)
+
+    index = replay(plan, indices)
+    feature = torch.full(index.shape, -1, dtype=torch.int64)  # in the modules' joined features
+    rest = torch.full(index.shape, -1, dtype=torch.int64)  # the place along the other dims
+    modules: list[str] = []
+    module_dims: list[int] = []
+    offset = 0
+    for key, (start, numel) in starts.items():
+        names = to_reference.get(key, set())
+        ref_key = next(iter(names)) if len(names) == 1 else None
+        if ref_key is None or not ref_key.endswith(".weight"):
+            return f"its weight comes from {key!r}, which is no reference layer's weight"
+        ref_layer = ref_key.rpartition(".")[0]
+        ref_dims = feature_dims(reference.get_submodule(ref_layer))
+        shape = reference_table[ref_key].shape
+        if ref_dims is None:
+            return f"reference {ref_layer}: no known output feature dim"
+        if math.prod(shape) != numel or not _verbs(reference_table[ref_key]) <= RENAMING_VERBS:
+            return f"reference {ref_key} is not {key!r} as the source holds it"
+        if ref_layer in modules:
+            return f"reference {ref_layer} is reached twice"
+        d = ref_dims[0] % len(shape)
+        if numel // shape[d] != index.numel() // index.shape[dims[0] % index.dim()]:
+            return f"its weight holds other parts of reference {ref_layer}'s than whole features"
+        mask = (index >= start) & (index < start + numel)
+        local = index[mask] - start
+        inner = math.prod(shape[d + 1 :])
+        feature[mask] = offset + (local // inner) % shape[d]
+        rest[mask] = (local // (inner * shape[d])) * inner + local % inner
+        modules.append(ref_layer)
+        module_dims.append(ref_dims[1])
+        offset += shape[d]
+    d = dims[0] % index.dim()
+    by_feature = feature.movedim(d, 0).reshape(index.shape[d], -1)
+    places = rest.movedim(d, 0).reshape(index.shape[d], -1)
+    expected = torch.arange(places.shape[1]).expand_as(places)
+    if not (bool((by_feature == by_feature[:, :1]).all()) and torch.equal(places, expected)):
+        return "the plan mixes its output features with other dims"
+    moves = ", ".join(sorted(_verbs(plan) & RELAYOUT_VERBS))
+    return _Carry(tuple(modules), tuple(module_dims), dims[1], by_feature[:, 0].clone(), moves)
 
 
 def _is_leaf(model: nn.Module, name: str) -> bool:
@@ -371,26 +603,44 @@ class _Trace:
     rtol: float
 
     def comparable(self, name: str) -> bool:
+        if name not in self.candidate:
+            return False
+        carry = self.pairing.carried.get(name)
+        if carry is not None:
+            return all(self.reference.get(m) and self.reference[m].output for m in carry.modules)
         other = self.pairing.pairs.get(name)
-        return (
-            other is not None
-            and name in self.candidate
-            and other in self.reference
-            and name not in self.pairing.relayout
-        )
+        return other is not None and other in self.reference
+
+    def reference_output(self, name: str) -> torch.Tensor | None:
+        """What ``name`` should output: its reference module's output, or the reference
+        outputs carried through the plan's moves."""
+        carry = self.pairing.carried.get(name)
+        if carry is None:
+            out = self.reference[self.pairing.pairs[name]].output
+            return out[0] if out else None
+        try:
+            return carry.apply([self.reference[m].output[0] for m in carry.modules])
+        except (RuntimeError, IndexError):  # outputs not shaped as the layers' weights say
+            return None
+
+    def reference_name(self, name: str) -> str:
+        carry = self.pairing.carried.get(name)
+        return ", ".join(carry.modules) if carry else self.pairing.pairs[name]
+
+    def reference_call(self, name: str) -> _Call:
+        carry = self.pairing.carried.get(name)
+        return self.reference[carry.modules[0] if carry else self.pairing.pairs[name]]
 
     def outputs_agree(self, name: str) -> bool:
-        ref = self.reference[self.pairing.pairs[name]].output
-        cand = self.candidate[name].output
-        return bool(ref) and len(ref) == len(cand) and _agree(ref[0], cand[0], self.atol, self.rtol)
+        ref, cand = self.reference_output(name), self.candidate[name].output
+        return ref is not None and bool(cand) and _agree(ref, cand[0], self.atol, self.rtol)
 
     def shapes_match(self, name: str) -> bool:
-        ref = self.reference[self.pairing.pairs[name]].output
-        cand = self.candidate[name].output
-        return bool(ref) and bool(cand) and ref[0].shape == cand[0].shape
+        ref, cand = self.reference_output(name), self.candidate[name].output
+        return ref is not None and bool(cand) and ref.shape == cand[0].shape
 
     def inputs_agree(self, name: str) -> bool:
-        ref = self.reference[self.pairing.pairs[name]].input
+        ref = self.reference_call(name).input
         cand = self.candidate[name].input
         return ref is not None and cand is not None and _agree(ref, cand, self.atol, self.rtol)
 
@@ -406,7 +656,7 @@ class _Trace:
     def out_of_order(self, name: str, siblings: list[str]) -> bool:
         """Was this module paired with a reference module that runs at another place among
         its siblings (weights moved between blocks)?"""
-        order = {n: self.reference[self.pairing.pairs[n]].order for n in siblings}
+        order = {n: self.reference_call(n).order for n in siblings}
         here = siblings.index(name)
         before, after = siblings[:here], siblings[here + 1 :]
         return any(order[s] > order[name] for s in before) or any(
@@ -414,11 +664,15 @@ class _Trace:
         )
 
     def comparison(self, name: str, note: str | None = None) -> Comparison:
-        other = self.pairing.pairs[name]
+        carry = self.pairing.carried.get(name)
+        other = self.reference_name(name)
+        if carry and not note:
+            note = f"reference outputs carried through the plan's {carry.moves}"
+        reference = self.reference_output(name)
+        assert reference is not None  # only comparisons of matching shapes are made
         found = compare_tensors(
-            self.reference[other].output[0], self.candidate[name].output[0],
-            (other, name), self.atol, self.rtol,
-        )  # fmt: skip
+            reference, self.candidate[name].output[0], (other, name), self.atol, self.rtol
+        )
         return Comparison(
             found.reference, found.candidate, found.max_abs_err, found.max_rel_err, False,
             note=note or found.note,
@@ -438,13 +692,31 @@ class _Trace:
             if self.out_of_order(child, siblings):
                 return self.comparison(
                     child,
-                    f"its weights come from reference {self.pairing.pairs[child]}, which runs "
+                    f"its weights come from reference {self.reference_name(child)}, which runs "
                     "at another place",
                 )
             break  # the difference arises in ``node``'s own computation, between children
         if self.comparable(node) and self.shapes_match(node) and not self.outputs_agree(node):
-            return self.comparison(node)
+            return self.comparison(node, self.moved_inside(node))
         return None
+
+    def moved_inside(self, node: str) -> str | None:
+        """A note for a module that diverges where its parts whose rows the plan moved
+        agree: each computes the right features, in places that the module's own
+        computation (rotary pairs, head groups) then reads wrongly."""
+        prefix = f"{node}." if node else ""
+        moved = {
+            n.removeprefix(prefix): c.moves
+            for n, c in self.pairing.carried.items()
+            if n.startswith(prefix) and self.comparable(n) and self.outputs_agree(n)
+        }
+        if not moved:
+            return None
+        names = ", ".join(f"{n} ({m})" for n, m in sorted(moved.items()))
+        return (
+            f"the plan moved the rows of {names}, which agree as moved: a wrong head count "
+            "or part order there shows only here"
+        )
 
 
 # -- the step -----------------------------------------------------------------------------
@@ -502,9 +774,13 @@ def verify(
     default_atol, default_rtol = TOLERANCES.get(_least_precise(result_plan), (1e-5, 1e-4))
     atol = spec.atol if spec.atol is not None else default_atol
     rtol = spec.rtol if spec.rtol is not None else default_rtol
-    pairing = match_modules(reference, candidate, result_plan, reference_table)
+    pairing = match_modules(reference, candidate, result_plan, reference_table, carry=False)
     named = [c for c in spec.compare if isinstance(c, ModulePair)]
     args, kwargs = make_inputs(spec, seed, base_dir, device)
+    named_inputs = {f"inputs[{i}]": a for i, a in enumerate(args)} | kwargs
+    warned = input_warnings(named_inputs, result_plan, candidate, _highs(spec))
+    for text in warned:
+        warnings.warn(text, VerifyInputsWarning, stacklevel=2)
 
     with torch.no_grad():
         for model in (reference, candidate):
@@ -532,13 +808,15 @@ def verify(
         ok = all(c.ok for c in compared)
         first = None
         if not ok:
-            with _recording(reference, set(pairing.pairs.values()) | {""}) as ref_calls:
+            pairing = match_modules(reference, candidate, result_plan, reference_table)
+            with _recording(reference, pairing.reference_modules() | {""}) as ref_calls:
                 _run(reference, args, kwargs, "reference")
-            with _recording(candidate, set(pairing.pairs) | {""}) as cand_calls:
+            watched = set(pairing.pairs) | set(pairing.carried) | {""}
+            with _recording(candidate, watched) as cand_calls:
                 _run(candidate, args, kwargs, "candidate")
             first = _Trace(ref_calls, cand_calls, pairing, atol, rtol).first_divergence()
     fresh = sorted(n for n in pairing.fresh if _is_leaf(candidate, n))
-    return VerifyResult(ok, compared, atol, rtol, first, fresh)
+    return VerifyResult(ok, compared, atol, rtol, first, fresh, pairing.not_compared, warned)
 
 
 def raise_if_failed(result: VerifyResult, report: Any = None) -> None:
@@ -550,6 +828,9 @@ def raise_if_failed(result: VerifyResult, report: Any = None) -> None:
     message += "\n  ".join(c.line() for c in bad)
     if result.first_divergence is not None:
         message += "\n  first module to diverge: " + result.first_divergence.line()
+    message += "".join(
+        f"\n  not compared: {name} ({why})" for name, why in result.not_compared.items()
+    )
     raise VerifyFailed(message, report)
 
 

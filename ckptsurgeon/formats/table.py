@@ -34,6 +34,9 @@ class TensorRef:
     sources: tuple[str, ...] = ()
     actions: tuple[Action, ...] = ()
     cast_from: CastSpan | None = None
+    # How the rules computed this tensor from others, so that the same steps can run on
+    # other values (verification runs them on element indices: see :func:`replay`).
+    lineage: Lineage | None = field(default=None, repr=False, compare=False)
 
     @property
     def numel(self) -> int:
@@ -82,6 +85,7 @@ class TensorRef:
             sources=self.sources,
             actions=(*self.actions, action),
             cast_from=self.cast_from if same_bytes else None,
+            lineage=Lineage(lambda ts: fn(ts[0]), (self,)),
         )
 
     def narrow(self, dim: int, start: int, length: int, action: Action) -> TensorRef:
@@ -117,7 +121,8 @@ class TensorRef:
         action = Action("cast", f"to {dtype_name(dtype)}")
         if dtype == self.dtype:
             return self.with_action(action)
-        ref = self.derive(lambda t: t.to(dtype), action)
+        # A cast keeps every element in its place: replayed, it moves nothing.
+        ref = replace(self.derive(lambda t: t.to(dtype), action), lineage=Lineage(_first, (self,)))
         if self.span is not None and self.span.length == self.nbytes:
             ref = replace(ref, cast_from=CastSpan(self.span, self.dtype))
         return ref
@@ -138,7 +143,32 @@ def combine(
         loader=lambda: fn([p.load() for p in parts]).contiguous(),
         sources=tuple(s for p in parts for s in p.sources),
         actions=(action,),
+        lineage=Lineage(fn, parts),
     )
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """``fn`` applied to the tensors of ``inputs`` made a ref."""
+
+    fn: Callable[[list[torch.Tensor]], torch.Tensor]
+    inputs: tuple[TensorRef, ...]
+
+
+def replay(ref: TensorRef, leaf: Callable[[TensorRef], torch.Tensor]) -> torch.Tensor:
+    """Run the steps that made ``ref`` again, starting from ``leaf(r)`` for each ref ``r``
+    they started from (one without lineage: as a reader made it) instead of its data.
+
+    Started from element indices, this tells where each element of the result came from
+    through splits, merges, permutations and transposes; a cast replays as a no-op.
+    """
+    if ref.lineage is None:
+        return leaf(ref)
+    return ref.lineage.fn([replay(r, leaf) for r in ref.lineage.inputs])
+
+
+def _first(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0]
 
 
 def from_tensor(tensor: torch.Tensor, source: str, action: Action | None = None) -> TensorRef:

@@ -99,6 +99,7 @@ class Take(FromSources):
             ref,
             sources=tuple(f"{self.from_}:{s}" for s in ref.sources or (key,)),
             actions=(*ref.actions, Action("taken", detail)),
+            lineage=None,  # its steps start in another source's table
         )
 
 

@@ -54,7 +54,10 @@ def _weighted_mean(
             flat[start : start + count] = mean_of(partial(_elements, start=start, count=count))
         return out
 
-    return replace(first, loader=mean, span=None, cast_from=None, actions=(*first.actions, action))
+    return replace(
+        first, loader=mean, span=None, cast_from=None, actions=(*first.actions, action),
+        lineage=None,  # a computed value: replaying it would not say where it came from
+    )  # fmt: skip
 
 
 def _elements(ref: TensorRef, start: int, count: int) -> torch.Tensor:
