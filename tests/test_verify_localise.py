@@ -191,8 +191,8 @@ def test_a_length_one_input_is_warned_about_when_it_hides_a_missing_permute(
     proc = run_cli("apply", _meta_rules(tmp_path, meta_llama, None, length=1), "--json")
     assert proc.returncode == 0, proc.stderr  # the premise: the hole the warning is about
     warnings = json.loads(proc.stdout)["verify"]["warnings"]
-    assert len(warnings) == 1 and "sequence length 1" in warnings[0]
-    assert "permute_rope" in warnings[0]
+    assert len(warnings) == 1 and "a sequence of length 1 attends only to itself" in warnings[0]
+    assert "permute_rope's rows cannot show" in warnings[0]  # q_proj's is still in the plan
     assert f"warning: {warnings[0]}" in proc.stderr
     # At length 16 the same rules fail, at the first attention.
     (tmp_path / "out.safetensors").unlink()
@@ -290,3 +290,90 @@ def test_identical_samples_and_unreached_embedding_rows_are_warned_about(
     assert any("the 3 samples of the batch are all the same" in w for w in warnings), warnings
     assert any("reach 1 of the 64 rows of transformer.wte" in w for w in warnings), warnings
     assert proc.stderr.count("warning: inputs[0]:") == 2
+
+
+# -- the correspondence, derived from the plan (unit level) ------------------------------
+
+
+class Fused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+
+
+class Parts(torch.nn.Module):
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(width, 4) for _ in range(3))
+
+
+def _pairing(reference: torch.nn.Module, candidate: torch.nn.Module, rules: list[dict]):
+    from ckptsurgeon.engine.rewrite import run_rules
+    from ckptsurgeon.engine.verify import match_modules
+    from ckptsurgeon.formats.table import from_tensor
+    from ckptsurgeon.rules.document import parse_rules
+
+    source = {n: from_tensor(t, n) for n, t in reference.state_dict().items()}
+    plan, _ = run_rules(parse_rules({"rules": rules}), source, None)
+    return match_modules(reference, candidate, plan, source)
+
+
+def test_a_split_carries_each_part_from_its_rows_of_the_fused_output():
+    pairing = _pairing(Fused(), Parts(), [
+        {"op": "split", "pattern": r"^qkv\.(weight|bias)$", "into": [r"q.\1", r"k.\1", r"v.\1"]},
+    ])  # fmt: skip
+    assert pairing.carried["k"].modules == ("qkv",)
+    assert pairing.carried["k"].index.tolist() == [4, 5, 6, 7]
+    out = torch.randn(2, 3, 12)
+    assert torch.equal(pairing.carried["v"].apply([out]), out[..., 8:])
+
+
+def test_a_merge_carries_the_fused_output_from_each_part():
+    pairing = _pairing(Parts(), Fused(), [
+        {"op": "merge", "pattern": r"^([qkv])\.(weight|bias)$", "order": ["q", "k", "v"],
+         "into": r"qkv.\2"},
+    ])  # fmt: skip
+    carry = pairing.carried["qkv"]
+    assert carry.modules == ("q", "k", "v") and carry.index.tolist() == list(range(12))
+
+
+def test_permute_rope_carries_the_rows_as_transformers_permutes_them():
+    heads, rows = 2, 8
+    reference, candidate = torch.nn.Linear(4, rows), torch.nn.Linear(4, rows)
+    pairing = _pairing(reference, candidate, [
+        {"op": "permute_rope", "pattern": "^weight$", "heads": heads},
+        {"op": "permute_rope", "pattern": "^bias$", "heads": heads},
+    ])  # fmt: skip
+    index = pairing.carried[""].index
+    half = rows // heads // 2
+    # Interleaved pairs (2i, 2i+1) of each head become rows i and i + half.
+    expected = torch.arange(rows).view(heads, half, 2).transpose(1, 2).reshape(rows)
+    assert torch.equal(index, expected)
+
+
+def test_a_split_along_the_input_dim_is_reported_as_not_compared():
+    """Columns split apart: each part computes a partial sum, no reference output feature."""
+
+    class Halves(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 12, bias=False), torch.nn.Linear(2, 12, bias=False)
+
+    pairing = _pairing(Fused(), Halves(), [
+        {"op": "drop", "pattern": r"^qkv\.bias$"},
+        {"op": "split", "pattern": r"^qkv\.weight$", "into": ["a.weight", "b.weight"], "dim": 1},
+    ])  # fmt: skip
+    assert not pairing.carried
+    assert "output features, not whole ones" in pairing.not_compared["a"]
+
+
+def test_default_inputs_of_diff_suggest_verify_raise_no_warning():
+    from ckptsurgeon.engine.verify import input_warnings, make_inputs
+    from ckptsurgeon.rules.verify import VerifySpec
+    from ckptsurgeon.suggest.verify import guess_inputs
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+    spec = VerifySpec.model_validate({"reference": {"model": "x:y"}, "inputs": guess_inputs(model)})
+    args, _ = make_inputs(spec, 0, ".", torch.device("cpu"))
+    assert args[0].shape[1] > 1
+    assert input_warnings({"inputs[0]": args[0]}, {}, model, {"inputs[0]": 64}) == []

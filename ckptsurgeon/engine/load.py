@@ -41,4 +41,9 @@ def load_into(
             + "\n  ".join(result.lines())
         )
     state = {name: ref.load() for name, ref in table.items()}
-    return model.load_state_dict(state, strict=strict, assign=assign)
+    for name, partner in result.tied:  # one tensor under both names: torch wants both
+        state[name] = state[partner]
+    incompatible = model.load_state_dict(state, strict=strict, assign=assign)
+    if assign:  # assign gives each name a Parameter of its own: share the tied ones again
+        target.retie(model)
+    return incompatible

@@ -145,8 +145,8 @@ class VerifyResult:
         out = [("ok   " if c.ok else "FAIL ") + c.line() for c in self.compared]
         if self.first_divergence is not None:
             out.append("first module to diverge: " + self.first_divergence.line())
+        # The warnings are not repeated here: they went to stderr as the run began.
         out += [f"not compared: {name} ({why})" for name, why in self.not_compared.items()]
-        out += [f"warning: {w}" for w in self.warnings]
         return out
 
 
@@ -221,8 +221,8 @@ def input_warnings(
     candidate: nn.Module,
     highs: dict[str, int] | None = None,
 ) -> list[str]:
-    """Why ``inputs`` may not show what the plan changed: a sequence length of 1 with rotary
-    rows or position tensors in the plan, a batch of identical samples, token ids whose
+    """Why ``inputs`` may not show what the plan changed: token sequences of length 1 (no
+    attention pattern, no second position), a batch of identical samples, token ids whose
     bound (``highs``, by input name; else the largest id drawn) reaches few rows of the
     model's largest embedding."""
     found = []
@@ -238,12 +238,15 @@ def input_warnings(
     )
     for name, x in inputs.items():
         tokens = not x.is_floating_point() and x.dtype != torch.bool and x.dim() == 2
-        if tokens and x.shape[1] == 1 and (permuted or positional):
-            what = "permute_rope's rows" if permuted else f"position tensors ({positional})"
+        if tokens and x.shape[1] == 1:
+            what = "permute_rope's rows" if permuted else None
+            what = what or (f"position tensors ({positional})" if positional else None)
             found.append(
-                f"{name}: sequence length 1 never reaches a second position (rotary embedding "
-                f"is the identity at position 0), so {what} cannot show in the outputs; "
-                "use 8 tokens or more"
+                f"{name}: a sequence of length 1 attends only to itself (attention weights "
+                "are all 1, rotary embedding is the identity at position 0): query and key "
+                "weights and positions never change the output"
+                + (f", so {what} cannot show" if what else "")
+                + "; use 8 tokens or more"
             )
         if x.dim() >= 1 and x.shape[0] > 1 and all(torch.equal(x[0], y) for y in x[1:]):
             found.append(
@@ -262,9 +265,15 @@ def input_warnings(
 
 def _highs(spec: VerifySpec) -> dict[str, int]:
     """The ``high`` of each seeded integer input, by the name :func:`input_warnings` uses."""
-    positional = [item for item in spec.inputs if item.name is None]
-    named = {f"inputs[{positional.index(i)}]" if i.name is None else i.name: i for i in spec.inputs}
-    return {name: item.high for name, item in named.items() if item.high is not None}
+    highs: dict[str, int] = {}
+    position = 0
+    for item in spec.inputs:
+        name = item.name
+        if name is None:
+            name, position = f"inputs[{position}]", position + 1
+        if item.high is not None:
+            highs[name] = item.high
+    return highs
 
 
 # -- recording module outputs -----------------------------------------------------------
@@ -462,8 +471,9 @@ def match_modules(
                 made_from |= to_reference.get(source, set())
         if new_values == len(held):
             pairing.fresh.add(name)
-        if len(moved) == 1 and all(k.startswith(f"{next(iter(moved))}.") for k in held):
-            layer = moved.pop()  # ``name`` is that layer, or a wrapper around it alone
+        layer = next(iter(moved)) if len(moved) == 1 else None
+        if layer is not None and all(k.startswith(f"{layer}." if layer else "") for k in held):
+            # ``name`` is that layer, or a wrapper around it alone
             if not carry:
                 continue
             if layer not in carries:
@@ -531,7 +541,7 @@ def _carry(
     elements of one output feature from one reference output feature, in the same places
     along the other dims (so the candidate's feature computes what the reference's did)."""
     dims = feature_dims(candidate.get_submodule(layer))
-    plan = result_plan.get(f"{layer}.weight")
+    plan = result_plan.get(f"{layer}.weight" if layer else "weight")
     if dims is None or plan is None:
         return f"{type(candidate.get_submodule(layer)).__name__}: no known output feature dim"
     if not _verbs(plan) <= MOVING_VERBS:
@@ -555,7 +565,7 @@ def _carry(
     for key, (start, numel) in starts.items():
         names = to_reference.get(key, set())
         ref_key = next(iter(names)) if len(names) == 1 else None
-        if ref_key is None or not ref_key.endswith(".weight"):
+        if ref_key is None or ref_key.rpartition(".")[2] != "weight":
             return f"its weight comes from {key!r}, which is no reference layer's weight"
         ref_layer = ref_key.rpartition(".")[0]
         ref_dims = feature_dims(reference.get_submodule(ref_layer))
@@ -568,7 +578,9 @@ def _carry(
             return f"reference {ref_layer} is reached twice"
         d = ref_dims[0] % len(shape)
         if numel // shape[d] != index.numel() // index.shape[dims[0] % index.dim()]:
-            return f"its weight holds other parts of reference {ref_layer}'s than whole features"
+            return (
+                f"its weight holds parts of reference {ref_layer}'s output features, not whole ones"
+            )
         mask = (index >= start) & (index < start + numel)
         local = index[mask] - start
         inner = math.prod(shape[d + 1 :])

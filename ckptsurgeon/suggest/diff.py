@@ -71,6 +71,7 @@ class DiffReport:
             "identical": self.identical,
             "only_in_a": before["unexpected"],
             "only_in_b": before["missing"],
+            "tied_in_b": before["tied"],
             "shape_mismatch": [
                 {"name": d["name"], "a": d["checkpoint"], "b": d["target"]}
                 for d in before["shape_mismatch"]
@@ -103,11 +104,17 @@ class DiffReport:
         if self.identical:
             lines.append("identical: the same names, shapes and dtypes")
             return lines
-        common = len(self.target.expected) - len(b.missing) - len(b.filled)
+        common = len(self.target.expected) - len(b.missing) - len(b.filled) - len(b.tied)
         lines.append(
             f"by name: {common} in common, {len(b.unexpected)} only in A, {len(b.missing)} "
             f"only in B, {len(b.shape)} shapes and {len(b.dtype)} dtypes differ"
         )
+        if b.tied:
+            lines.append(
+                f"tied in B, absent from A ({len(b.tied)}): "
+                + ", ".join(f"{n} (shares {p})" for n, p in b.tied)
+                + "; nothing to do: the model fills them from the shared tensor"
+            )
         if self.inference.findings:
             lines.append("differences:")
             lines += [f"  - {f.line if f.rule else f.summary}" for f in self.inference.findings]

@@ -87,10 +87,21 @@ class State:
                 self.held_targets.add(name)
 
     def unmatched(self) -> tuple[list[str], list[str]]:
-        """(checkpoint keys the target lacks, target keys the checkpoint lacks), unheld."""
+        """(checkpoint keys the target lacks, target keys the checkpoint lacks), unheld.
+
+        A target key the model ties to a key the table has (``lm_head.weight`` and the
+        embeddings) is not lacking: the model fills it from the shared tensor."""
         extra = [n for n in self.table if n not in self.expected and not self.held(n)]
-        missing = [t for t in self.expected if t not in self.table and t not in self.held_targets]
+        missing = [
+            t
+            for t in self.expected
+            if t not in self.table and t not in self.held_targets and not self.tied_present(t)
+        ]
         return extra, missing
+
+    def tied_present(self, name: str) -> bool:
+        """Does the table hold a key the target model ties ``name`` to?"""
+        return any(p in self.table for p in self.target.tied.get(name, ()))
 
     def add(self, kind: str, rule: Rule, summary: str) -> None:
         """Run ``rule`` and keep it with its finding; a failure is reported, not raised."""

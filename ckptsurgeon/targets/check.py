@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase  # where torch's num_batches_tracked rule lives
 
-from ckptsurgeon.formats.table import Table, dtype_name
+from ckptsurgeon.formats.table import Table, TensorRef, dtype_name
 from ckptsurgeon.targets.spec import TargetInfo
 
 
@@ -29,13 +29,21 @@ class CheckResult:
     allowed_unexpected: list[str] = field(default_factory=list)
     # Absent, but load_state_dict fills them in itself (BatchNorm's num_batches_tracked).
     filled: list[str] = field(default_factory=list)
+    # Absent, but the model ties them to a name the checkpoint has (one Parameter under
+    # several names, as tied embeddings are): (absent name, the present partner).
+    tied: list[tuple[str, str]] = field(default_factory=list)
+    # Names the model ties, present together with different values: the model can hold
+    # only one of them.
+    tied_conflict: list[tuple[str, ...]] = field(default_factory=list)
     # The target's own loading code raised (a load hook); the load fails however keys match.
     load_error: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.shape or self.load_error)
+        return not (
+            self.missing or self.unexpected or self.shape or self.tied_conflict or self.load_error
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +58,8 @@ class CheckResult:
             "allowed_missing": self.allowed_missing,
             "allowed_unexpected": self.allowed_unexpected,
             "filled_by_load": self.filled,
+            "tied": [{"name": n, "tied_to": p} for n, p in self.tied],
+            "tied_conflict": [list(names) for names in self.tied_conflict],
             "load_error": self.load_error,
             "notes": self.notes,
         }
@@ -67,6 +77,12 @@ class CheckResult:
             out.append(
                 f"unexpected by the target ({len(self.unexpected)}): "
                 + group_names(self.unexpected)
+            )
+        for names in self.tied_conflict:
+            out.append(
+                "tied in the target, different values in the checkpoint: "
+                + ", ".join(names)
+                + " (the model holds one tensor under these names)"
             )
         for name, got, want in self.shape[:20]:
             out.append(f"shape mismatch: {name}: checkpoint {list(got)}, target {list(want)}")
@@ -86,6 +102,13 @@ class CheckResult:
                 + " (BatchNorm sets num_batches_tracked to 0 when the state dict carries no "
                 "version metadata, as safetensors files, plain dicts and ckptsurgeon's "
                 "outputs do)"
+            )
+        if self.tied:
+            out.append(
+                f"absent but tied in the target ({len(self.tied)}): "
+                + ", ".join(f"{n} (shares {p})" for n, p in self.tied)
+                + "; load_state_dict(strict=True) reports them missing, while "
+                "from_pretrained or strict=False fills them from the shared tensor"
             )
         if self.allowed_missing or self.allowed_unexpected:
             out.append(
@@ -125,6 +148,12 @@ def check_table(
     target that decides which absent keys torch fills in itself (see :func:`filled_on_load`).
     Those count as filled (``result.filled``, not a failure) when their module has other
     entries in the table, and as missing with the rest of it when it has none.
+
+    Names the model ties (one Parameter under several names: tied embeddings) need only one
+    of them in the table: the absent ones count as tied (``result.tied``, not a failure), as
+    ``from_pretrained`` sees it. Two or more of one group present must hold the same values
+    (``result.tied_conflict`` otherwise); only those groups are read.
+
     For a model target on the meta device the verdict is also confirmed by
     ``load_state_dict`` itself (free there), which catches models with custom loading hooks.
     """
@@ -135,14 +164,18 @@ def check_table(
     extra = extra_state_names(model) if model is not None else set()
     fills = filled_on_load(model) if model is not None else set()
     expected = target.expected
+    tied = target.tied
     present_modules = {n.rpartition(".")[0] for n in table}
     scalars: list[str] = []
     for name in [*expected, *sorted(extra - expected.keys())]:
         if name not in table:
+            partner = next((p for p in tied.get(name, ()) if p in table), None)
             # A module absent as a whole is listed whole, so that counts and renames cover
             # all of it; the load fails on its other keys anyway.
             if name in fills and name.rpartition(".")[0] in present_modules:
                 result.filled.append(name)
+            elif partner is not None:
+                result.tied.append((name, partner))
             elif any(r.search(name) for r in miss_res):
                 result.allowed_missing.append(name)
             else:
@@ -163,6 +196,7 @@ def check_table(
         if name not in expected and name not in extra:
             allowed = any(r.search(name) for r in unexp_res)
             (result.allowed_unexpected if allowed else result.unexpected).append(name)
+    result.tied_conflict = _tied_conflicts(table, target, {n for n, *_ in result.shape})
     if scalars:
         result.notes.append(
             "shape [1] into a 0-dim target tensor (load_state_dict takes the one element): "
@@ -178,6 +212,50 @@ def check_table(
     if model is not None and result.ok and _on_meta(model):
         _confirm_with_torch(table, model, extra, result)
     return result
+
+
+def _tied_conflicts(table: Table, target: TargetInfo, misshapen: set[str]) -> list[tuple[str, ...]]:
+    """The tied groups of which ``table`` holds two or more names with different values
+    (as the target's dtype: ``load_state_dict`` casts each into the one shared tensor, the
+    last one written winning). Groups with a shape mismatch are left to the shape check."""
+    conflicts: list[tuple[str, ...]] = []
+    for group in dict.fromkeys(target.tied.values()):
+        present = [n for n in group if n in table]
+        if len(present) < 2 or misshapen.intersection(present):
+            continue
+        first, *others = present
+        shape, dtype = target.expected[first]
+        value: torch.Tensor | None = None
+        for name in others:
+            if _same_data(table[first], table[name]):
+                continue
+            if value is None:
+                value = table[first].load().to(dtype).reshape(shape)
+            if not _equal(value, table[name].load().to(dtype).reshape(shape)):
+                conflicts.append(tuple(present))
+                break
+    return conflicts
+
+
+def _same_data(a: TensorRef, b: TensorRef) -> bool:
+    """Whether two refs certainly hold the same values without reading them: one loader
+    (one ref copied under two names, as fill_missing copies a tied partner), or the same
+    bytes of the same file."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return a.loader is b.loader or (a.span is not None and a.span == b.span)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal``, with NaNs in the same places counted equal."""
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    return torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
 
 
 def loads_as_shape(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
@@ -257,8 +335,9 @@ def _confirm_with_torch(
             "ckptsurgeon's outputs carry none: before model.load_state_dict(sd), add it with "
             "sd = collections.OrderedDict(sd); sd._metadata = model.state_dict()._metadata"
         )
+    tied = {name for name, _ in result.tied}
     for name in incompatible.missing_keys:
-        if name in extra:
+        if name in extra or name in tied:
             continue
         if name in result.filled:  # torch did not fill it after all: the metadata says v2
             result.filled.remove(name)

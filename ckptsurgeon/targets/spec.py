@@ -51,6 +51,17 @@ class TargetInfo:
                 groups.setdefault(id(t), []).append(name)
         return {n: tuple(g) for g in groups.values() if len(g) > 1 for n in g}
 
+    def retie(self, model: nn.Module) -> None:
+        """Share each tied group's first tensor under all its names again in ``model`` (this
+        target's model, or one built alike), as the model's own tying did:
+        ``load_state_dict(assign=True)`` gives every name a Parameter of its own."""
+        for name, group in self.tied.items():
+            if name != group[0]:
+                module, _, leaf = name.rpartition(".")
+                first, _, first_leaf = group[0].rpartition(".")
+                shared = getattr(model.get_submodule(first), first_leaf)
+                setattr(model.get_submodule(module), leaf, shared)
+
     def initial(
         self, names: list[str], seed: int, init: str | None, where: str
     ) -> dict[str, TensorRef]:
