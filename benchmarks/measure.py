@@ -22,3 +22,12 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err}")
     return wall, rss_kib * 1024
+
+
+def spread(values: list[float], unit: str = "x") -> str:
+    """``median (min-max over n rounds)``: the form every figure a benchmark reports takes,
+    so that one noisy round can neither make nor break a claim."""
+    import statistics
+
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{mid:.2f}{unit} ({low:.2f}-{high:.2f} over {len(values)} rounds)"
