@@ -54,11 +54,12 @@ def test_resnet18_plan_is_folded_and_verbose_lists_every_key(tmp_path: Path, run
     short, full = _lines(folded.stdout), _lines(verbose.stdout)
     assert len(short) < len(full) - 40, (len(short), len(full))
 
-    # Both end with the same counts line and verdict.
+    # Both end with the same counts lines and verdict.
     tail_short, tail_full = short[_counts_line(short) :], full[_counts_line(full) :]
     assert tail_short == tail_full
-    assert tail_short[0] == "source keys: 122, output keys: 122, stripped: 120, reinit: 2; 44.77 MB"
-    assert "loads strictly" in tail_short[1]
+    assert tail_short[0] == "source keys: 122, output keys: 122 (44.77 MB), dropped: 0"
+    assert tail_short[1] == "output keys by action: stripped 120, reinit 2"
+    assert "loads strictly" in tail_short[2]
 
     # --verbose: today's table, one line per key, each naming its source.
     keys = json.loads(as_json.stdout)["keys"]
@@ -72,26 +73,48 @@ def test_resnet18_plan_is_folded_and_verbose_lists_every_key(tmp_path: Path, run
         r"^fc\.weight +\(10, 512\) +float32 +reinit \(checkpoint had", verbose.stdout, re.M
     )
 
-    # Folded: both blocks of a stage on one row, with a count; their sources fold too.
-    assert re.search(
-        r"^layer1\.\{0\.\.1\}\.conv1\.weight +\(64, 64, 3, 3\) +float32 +x2 +stripped"
-        r" +<- module\.layer1\.\{0\.\.1\}\.conv1\.weight$",
-        folded.stdout,
-        re.M,
-    ), folded.stdout
-    # Different shapes never share a row: layer2.0.conv1 takes 64 channels, layer2.1.conv1 128.
-    assert re.search(r"^layer2\.0\.conv1\.weight +\(128, 64, 3, 3\) ", folded.stdout, re.M)
-    assert re.search(r"^layer2\.1\.conv1\.weight +\(128, 128, 3, 3\) ", folded.stdout, re.M)
+    # Folded: the one prefix strip is one line, the new head's rows follow.
+    assert "stripped 'module.' from 120 keys: conv1.weight, bn1.*, layer{1..4}.*" in short
     assert re.search(
         r"^fc\.weight +\(10, 512\) +float32 +reinit \(checkpoint had", folded.stdout, re.M
     )
-    assert "122 keys in " in folded.stdout and "--verbose lists every key" in folded.stdout
-    # The rows account for every key exactly once.
+    assert "122 output keys in 3 rows" in folded.stdout
+    assert "--verbose lists every key" in folded.stdout
+    # The lines account for every key exactly once.
     counted = 0
     for line in _table(folded.stdout):
-        count = re.search(r"  x(\d+)  ", line)
+        count = re.search(r"  x(\d+)  ", line) or re.search(r" (\d+) keys: ", line)
         counted += int(count.group(1)) if count else 1
     assert counted == 122
+
+
+def test_rows_that_differ_fold_by_layer_index(tmp_path: Path, run_cli) -> None:
+    """Keys renamed one by one (not one prefix for all) get rows, folded by layer index."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nrules:\n  - {op: strip_prefix, prefix: module.}\n"
+        r"  - {op: rename, pattern: '^layer(\d)\.(\d)\.conv(\d)\.', replace: 'layer\1.\2.c\3.'}"
+        "\n"
+    )
+    src = make.resnet18_dp(tmp_path)
+    proc = run_cli("apply", rules, "--source", src, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    # The keys the strip alone touched: one line, patterns naming exactly them.
+    assert (
+        "stripped 'module.' from 106 keys: conv1.weight, bn1.*, layer{1..4}.{0..1}.bn{1..2}.*, "
+        "layer{2..4}.0.downsample.*, fc.*\n" in proc.stdout
+    ), proc.stdout
+    # Both blocks of a stage on one row, with a count; their sources fold too.
+    assert re.search(
+        r"^layer1\.\{0\.\.1\}\.c1\.weight +\(64, 64, 3, 3\) +float32 +x2 +stripped; renamed"
+        r" +<- module\.layer1\.\{0\.\.1\}\.conv1\.weight$",
+        proc.stdout,
+        re.M,
+    ), proc.stdout
+    # Different shapes never share a row: layer2.0.conv1 takes 64 channels, layer2.1.conv1 128.
+    assert re.search(r"^layer2\.0\.c1\.weight +\(128, 64, 3, 3\) ", proc.stdout, re.M)
+    assert re.search(r"^layer2\.1\.c1\.weight +\(128, 128, 3, 3\) ", proc.stdout, re.M)
+    assert "122 output keys in 12 rows" in proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -150,15 +173,11 @@ def test_llama_renames_fold_into_layer_ranges(tmp_path: Path, llama: Path, run_c
     assert re.search(
         r"^layers\.\{0\.\.3\}\.feed_forward\.w1\.weight +\(48, 32\) ", proc.stdout, re.M
     )
-    # Kept keys fold too, without a source column (as in the per-key table).
-    assert re.search(
-        r"^model\.layers\.\{0\.\.3\}\.mlp\.up_proj\.weight +\(48, 32\) +float32 +x4 +kept$",
-        proc.stdout,
-        re.M,
-    ), proc.stdout
-    assert re.search(r"^model\.embed_tokens\.weight +\(64, 32\) +float32 +kept$", proc.stdout, re.M)
-    assert len(_table(proc.stdout)) == 3 + 13  # embed, norm, lm_head; 13 tensors per layer
-    assert "55 keys in 16 rows" in proc.stdout
+    # Kept keys: one line, its patterns naming exactly them among the output keys (the
+    # renamed ones left model.* for layers.*).
+    assert "kept 19 keys: lm_head.weight, model.*" in _lines(proc.stdout), proc.stdout
+    assert len(_table(proc.stdout)) == 1 + 9  # kept; 9 renamed tensors per layer
+    assert "55 output keys in 10 rows" in proc.stdout
 
     verbose = run_cli(*args, "--verbose")
     assert verbose.returncode == 0, verbose.stderr
@@ -186,12 +205,13 @@ def test_non_contiguous_layers_fold_as_a_list(tmp_path: Path, llama: Path, run_c
         proc.stdout,
         re.M,
     ), proc.stdout
-    # Dropped keys fold the same way: one line per pattern and reason.
+    # Dropped keys: one line per reason, the pattern naming exactly the keys dropped.
     dropped = [ln for ln in _lines(proc.stdout) if ln.startswith("dropped ")]
-    assert len(dropped) == 13, dropped
-    assert "dropped model.layers.{1,3}.self_attn.q_proj.weight  x2  (rules[0] (drop): matches" in (
-        proc.stdout
-    )
+    assert dropped == [
+        r"dropped 26 keys: model.layers.{1,3}.*  (rules[0] (drop): matches '^model\.layers\.[13]\.')"
+    ], dropped
+    assert "55 output keys + 26 dropped" not in proc.stdout  # 29 are written, 26 dropped
+    assert "29 output keys + 26 dropped in " in proc.stdout
     assert "dropped: 26" in proc.stdout
     verbose = run_cli("apply", rules, "--source", llama, "--dry-run", "--verbose")
     assert len([ln for ln in _lines(verbose.stdout) if ln.startswith("dropped ")]) == 26

@@ -97,6 +97,11 @@ class ApplyReport:
     # A dry run of a document with a finetune: section: the freeze and phases it would train.
     finetune_plan: dict[str, Any] | None = None
 
+    @property
+    def check_skipped(self) -> str | None:
+        """Why no strict check ran (the rules name no ``target:``), or None when it ran."""
+        return None if self.check is not None else "no target: strict check skipped"
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "source": self.source.to_dict(),
@@ -108,6 +113,8 @@ class ApplyReport:
             "counts": self.counts,
             "total_bytes": self.total_bytes,
             "check": self.check.to_dict() if self.check else None,
+            # null when the check ran; else why not ("no target: strict check skipped")
+            "check_skipped": self.check_skipped,
         }
         if self.written is not None:
             out["written"] = self.written.to_dict()

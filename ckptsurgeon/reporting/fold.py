@@ -206,3 +206,93 @@ def _braces(values: Iterable[int], offset: int = 0) -> str:
     for run in runs:
         parts += [f"{run[0]}..{run[-1]}"] if len(run) >= 3 else [str(v) for v in run]
     return "{" + ",".join(parts) + "}"
+
+
+def cover(names: Iterable[str], others: Iterable[str] = ()) -> list[str]:
+    """Patterns that name exactly ``names`` among ``names`` and ``others`` (a plan's summary:
+    the keys one action was applied to, told apart from every other key); see
+    :meth:`NameTree.cover`, which answers many such questions about one set of keys."""
+    wanted = list(names)
+    return NameTree([*wanted, *others]).cover(wanted)
+
+
+class NameTree:
+    """Dotted names as a tree of their prefixes, each prefix knowing how many names are
+    under it: built once, then :meth:`cover` for any subset costs that subset's size."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.root = _Node()
+        for name in dict.fromkeys(names):
+            node = self.root
+            node.total += 1
+            for segment in name.split("."):
+                node = node.children.setdefault(segment, _Node())
+                node.total += 1
+            node.name = name
+
+    def cover(self, names: Iterable[str]) -> list[str]:
+        """Patterns that name exactly ``names`` among this tree's names (all of ``names``
+        must be in it).
+
+        Each pattern is a dotted prefix followed by ``.*`` under which every name is one of
+        ``names`` (the shortest such prefix), or a whole name where that prefix would hold
+        just that one name. Patterns are then folded by layer index (:func:`fold_rows`), a
+        number at the end of a segment included (``layer{1..4}.*``), so each stands for
+        exactly the names it covers. When ``names`` are every name, the top-level prefixes
+        are listed rather than one ``*``. Patterns keep the order of the tree's names.
+        """
+        inside: dict[int, int] = {}
+        wanted: set[int] = set()
+        for name in dict.fromkeys(names):
+            node = self.root
+            inside[id(node)] = inside.get(id(node), 0) + 1
+            for segment in name.split("."):
+                node = node.children[segment]
+                inside[id(node)] = inside.get(id(node), 0) + 1
+            wanted.add(id(node))
+        found: list[str] = []
+        root = self.root
+        if root.total and inside.get(id(root)) == root.total:
+            if root.name is not None:
+                found.append(root.name)
+            for segment, child in root.children.items():
+                child.collect(segment, found, inside, wanted)
+        else:
+            root.collect("", found, inside, wanted)
+        marked = [_TRAILING.sub(lambda m: _JOIN + "." + m.group(1), p) for p in found]
+        return [row.name.replace(_JOIN + ".", "") for row in fold_rows(marked, name=lambda p: p)]
+
+
+# A name segment that ends in a number after a non-digit (``layer1``, ``blocks12``), split
+# for folding as if the number were a segment of its own: ``layer\0.1``.
+_TRAILING = re.compile(r"(?<=[^0-9.])(0|[1-9][0-9]*)(?=\.|$)")
+_JOIN = "\0"
+
+
+class _Node:
+    """A prefix in a :class:`NameTree`: the names under it, and the one that ends here."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.name: str | None = None
+        self.total = 0
+
+    def collect(self, prefix: str, out: list[str], inside: dict[int, int], wanted: set[int]):
+        count = inside.get(id(self), 0)
+        if not count:
+            return
+        if count == self.total:
+            if self.total == 1:
+                node = self
+                while node.name is None:
+                    (node,) = node.children.values()
+                out.append(node.name)
+                return
+            if self.name is not None:
+                out.append(self.name)
+            out.append(f"{prefix}.*")
+            return
+        if id(self) in wanted and self.name is not None:
+            out.append(self.name)
+        for segment, child in self.children.items():
+            child.collect(f"{prefix}.{segment}" if prefix else segment, out, inside, wanted)
