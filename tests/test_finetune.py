@@ -351,6 +351,9 @@ def test_two_processes_with_torchrun(data: Path) -> None:
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert len((data / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
     assert "destroy_process_group" not in proc.stderr  # the runner ends the group it started
+    # the closing lines (where best/last/summary/curves went) come from rank 0 alone
+    assert proc.stdout.count("fine-tune finished:") == 1, proc.stdout
+    assert f"  best:    {summary['files']['best']} (epoch " in proc.stdout
 
 
 def test_a_run_that_fails_under_torchrun_still_ends_its_group(data: Path) -> None:

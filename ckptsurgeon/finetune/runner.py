@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from ckptsurgeon.errors import UsageError
-from ckptsurgeon.finetune import features, probe
+from ckptsurgeon.finetune import artifacts, features, probe
 from ckptsurgeon.finetune import strategy as strategies
 from ckptsurgeon.finetune.data import build_dataset, is_deterministic
 from ckptsurgeon.finetune.freeze import (
@@ -206,14 +206,6 @@ def _workers(spec: FinetuneSpec, dataset: Dataset) -> int:
     return 0 if isinstance(dataset, TensorFileDataset) else min(4, os.cpu_count() or 1)
 
 
-def _score(m: dict[str, Any]) -> float:
-    if m.get("val_acc") is not None:
-        return m["val_acc"]
-    if m.get("val_loss") is not None:
-        return -m["val_loss"]
-    return -m["train_loss"]
-
-
 def batches(loader: DataLoader, label: str, rt: Runtime) -> Iterable[Any]:
     """The loader's batches, with a progress bar on rank 0 when stderr is a terminal."""
     if not (rt.main and sys.stderr.isatty()):
@@ -305,20 +297,32 @@ def _save_weights(model: nn.Module, path: str, source: str) -> None:
 
 
 def _write_metrics(output_dir: str, metrics: list[dict[str, Any]]) -> None:
-    with open(os.path.join(output_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    with open(os.path.join(output_dir, artifacts.METRICS), "w", encoding="utf-8") as f:
         for m in metrics:
             f.write(json.dumps(m) + "\n")
 
 
-def _plot(output_dir: str, metrics: list[dict[str, Any]]) -> None:
-    """curves.png when matplotlib is installed (it is optional)."""
+def _plot(output_dir: str, metrics: list[dict[str, Any]]) -> str | None:
+    """Draw curves.png; returns why it was not written (matplotlib is optional), or None.
+
+    A plot that fails is reported, not raised: the weights and the summary are what the
+    run is for, and they are written already."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return "matplotlib is not installed; pip install matplotlib"
+    try:
+        _draw(plt, output_dir, metrics)
+    except Exception as exc:  # a picture must not fail a finished run
+        plt.close("all")
+        return f"plotting failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _draw(plt: Any, output_dir: str, metrics: list[dict[str, Any]]) -> None:
     epochs = [m["epoch"] for m in metrics]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [m["train_loss"] for m in metrics], label="train")
@@ -336,7 +340,7 @@ def _plot(output_dir: str, metrics: list[dict[str, Any]]) -> None:
     ax_acc.set_xlabel("epoch")
     ax_acc.set_title("accuracy")
     fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "curves.png"), dpi=100)
+    fig.savefig(os.path.join(output_dir, artifacts.CURVES), dpi=100)
     plt.close(fig)
 
 
@@ -388,11 +392,9 @@ def setup(
     device ``rt`` (:func:`make_runtime`) trains on, find its backbone."""
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
-    output_dir = (
-        spec.output_dir
-        if os.path.isabs(spec.output_dir)
-        else os.path.join(base_dir, spec.output_dir)
-    )
+    # Every path the run reports (summary.json, the result, its closing lines) is under
+    # this one: absolute, without "..", links resolved (see ckptsurgeon.finetune.artifacts).
+    output_dir = artifacts.real_dir(spec.output_dir, base_dir)
     if rt.main:
         os.makedirs(output_dir, exist_ok=True)
     train_set = build_dataset(spec.data.train, base_dir)
@@ -615,8 +617,8 @@ def train(run: Run, history: History, saved: TrainingState | None = None) -> Non
                     g["name"]: g["initial_lr"] for g in p.optimizer.param_groups
                 }
             history.metrics.append(metrics)
-            improved = _score(metrics) > history.best_score
-            history.best_score = max(history.best_score, _score(metrics))
+            improved = artifacts.score(metrics) > history.best_score
+            history.best_score = max(history.best_score, artifacts.score(metrics))
             if rt.main:
                 _save_epoch(run, p, history, improved)
             run.log(_epoch_line(metrics))
@@ -630,9 +632,9 @@ def _save_epoch(run: Run, p: PhaseRun, history: History, improved: bool) -> None
     )
     state.save(run.state_path)
     _write_metrics(run.output_dir, history.metrics)
-    _save_weights(run.model, os.path.join(run.output_dir, "last.safetensors"), run.source)
+    _save_weights(run.model, os.path.join(run.output_dir, artifacts.LAST), run.source)
     if improved:
-        _save_weights(run.model, os.path.join(run.output_dir, "best.safetensors"), run.source)
+        _save_weights(run.model, os.path.join(run.output_dir, artifacts.BEST), run.source)
 
 
 def _phase_line(p: PhaseRun, phases: int) -> str:
@@ -657,28 +659,46 @@ def _epoch_line(m: dict[str, Any]) -> str:
 
 
 def summarize(run: Run, history: History, seconds: float) -> dict[str, Any]:
-    """The run's summary (``seconds``: the training's wall time); rank 0 also writes it to
-    summary.json and plots curves.png. Under torchrun every rank waits here until rank 0
-    has written them."""
+    """The run's summary (``seconds``: the training's wall time); rank 0 also plots
+    curves.png, writes summary.json and ends the run's output with the closing lines
+    (:func:`ckptsurgeon.finetune.artifacts.closing_lines`). Under torchrun every rank waits
+    here until rank 0 has written them.
+
+    Besides the numbers, the summary says where things went: ``output_dir`` and ``files``
+    (``best``, ``last``, ``summary``, ``curves``, ``metrics``, ``state``: real paths, None
+    for a file the run has not got, with ``curves_not_written`` saying why for the
+    curves) and ``best`` (the epoch in best.safetensors, its metric and value)."""
     rt = run.rt
-    summary = {
+    # Plotted first, so that summary.json can say whether it was.
+    not_plotted = _plot(run.output_dir, history.metrics) if rt.main else None
+    summary: dict[str, Any] = {
         "epochs": history.global_epoch,
         "best_score": history.best_score,
+        "best": artifacts.best_epoch(history.metrics),
         "final": history.metrics[-1] if history.metrics else None,
         "seconds": round(seconds, 3),
         "device": str(rt.device),
         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.dtype],
         "world_size": rt.world,
         "output_dir": run.output_dir,
+        "files": artifacts.files(run.output_dir, history.metrics, curves=not_plotted is None),
     }
+    if not_plotted is not None:
+        summary["curves_not_written"] = not_plotted
     if history.strategy is not None:
         summary["strategy"] = history.strategy
     if rt.main:
-        with open(os.path.join(run.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+        with open(summary["files"]["summary"], "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-        _plot(run.output_dir, history.metrics)
+        for line in artifacts.closing_lines(summary):
+            run.log(line)
     if rt.world > 1:
         dist.barrier()
+        curves = summary["files"]["curves"]
+        if not rt.main and curves is not None and not os.path.exists(curves):
+            # Rank 0 plots; the others learn whether it did from the file system.
+            summary["files"]["curves"] = None
+            summary["curves_not_written"] = "rank 0 wrote none"
     return summary
 
 
