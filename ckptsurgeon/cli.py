@@ -5,51 +5,102 @@ Python API's), and prints the value it returns: ``--json`` prints its ``to_dict(
 human output is derived from the same value, and the exit code from its verdict.
 
 Heavy imports (torch, the engine) happen inside each command so that ``--help``,
-``validate`` and ``schema`` start in a fraction of a second.
+``validate`` and ``schema`` start in a fraction of a second; arguments that can be judged
+alone (JSON options, a ``--target`` that names nothing) are checked while the command line
+is read, so a typo fails in that fraction of a second too, the way every other error does.
+
+``--quiet``/``-q`` means the same on every command that has it: nothing is printed on
+success (no progress bar, no plan, no "wrote" line; ``--json`` still prints its object);
+warnings and errors still are. Ctrl-C ends any command with exit code 130 and one line
+saying what had been written by then (atomic writes leave nothing half-written).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptsurgeon.errors import INTERNAL_ERROR, CkptSurgeonError
+from ckptsurgeon.errors import INTERNAL_ERROR, CkptSurgeonError, UsageError
 
 if TYPE_CHECKING:
     from ckptsurgeon.engine.report import ApplyReport
 
 _DEBUG = False
 
+# The exit code of a command ended by Ctrl-C (SIGINT): 128 + 2, as shells report it.
+INTERRUPTED = 130
+
 
 def _stderr(message: str) -> None:
     click.echo(f"ckptsurgeon: {message}", err=True)
 
 
+@dataclass
+class _Progress:
+    """How far the running command got, for the line Ctrl-C prints."""
+
+    written: str | None = None  # the output apply wrote (complete: writes are atomic)
+    finetuning: str | None = None  # the file whose fine-tune is running
+
+
+_progress = _Progress()
+
+
+def _interrupted() -> str:
+    """What a Ctrl-C leaves behind, in one line."""
+    if _progress.finetuning is not None:
+        before = ""
+        if _progress.written is not None:
+            before = f"{_progress.written} had been written in full before it; "
+        return (
+            f"interrupted during the fine-tune; {before}`ckptsurgeon finetune "
+            f"{_progress.finetuning} --resume` continues from the last completed epoch, if any"
+        )
+    if _progress.written is not None:
+        return f"interrupted; {_progress.written} had been written in full"
+    return "interrupted; nothing was written"
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map library exceptions to SPEC's exit codes with one line on stderr; with ``--json``,
     also ``{"error": {"type", "message", "exit_code"}}`` on stdout (merged into the report
-    when the failure carries one)."""
+    when the failure carries one). A bad argument found while the command line was read
+    (see :func:`_hold`) fails here, before the command imports anything."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _progress
         as_json = bool(kwargs.get("as_json"))
+        _progress = _Progress()
         try:
+            ctx = click.get_current_context(silent=True)
+            held = ctx.meta.get(_BAD_ARGUMENT) if ctx is not None else None
+            if held is not None:
+                raise UsageError(held)
             return fn(*args, **kwargs)
         except CkptSurgeonError as exc:
             if _DEBUG:
                 traceback.print_exc()
             _stderr(f"error: {exc}")
-            _fail(as_json, exc, exc.exit_code, getattr(exc, "report", None))
-        except KeyboardInterrupt as exc:
-            _stderr("interrupted; nothing was written")
-            _fail(as_json, exc, 130)
+            _fail(
+                as_json, type(exc).__name__, str(exc), exc.exit_code, getattr(exc, "report", None)
+            )
+        except KeyboardInterrupt:
+            _interrupts.handled()
+            message = _interrupted()
+            _stderr(message)
+            _fail(as_json, "KeyboardInterrupt", message, INTERRUPTED)
         except Exception as exc:  # a bug of ours: still one line, details behind --debug
             if _DEBUG:
                 traceback.print_exc()
@@ -58,19 +109,85 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "please report it with the output of `ckptsurgeon --debug ...` and "
                 "`ckptsurgeon env`"
             )
-            _fail(as_json, exc, INTERNAL_ERROR)
+            _fail(as_json, type(exc).__name__, str(exc), INTERNAL_ERROR)
 
     return wrapper
 
 
-def _fail(as_json: bool, exc: BaseException, code: int, report: Any = None) -> None:
+def _fail(as_json: bool, kind: str, message: str, code: int, report: Any = None) -> None:
     from ckptsurgeon.engine.ranks import launch
 
     if as_json and launch().main:  # under torchrun one JSON object, rank 0's
-        error = {"type": type(exc).__name__, "message": str(exc), "exit_code": code}
+        error = {"type": kind, "message": message, "exit_code": code}
         body = report.to_dict() if report is not None else {}
         _print_json({**body, "error": error})
     sys.exit(code)
+
+
+# Where a click callback keeps the first bad argument it finds (Context.meta, which the
+# command's context shares with the group's).
+_BAD_ARGUMENT = "ckptsurgeon.bad_argument"
+
+
+def _hold(ctx: click.Context, message: str) -> None:
+    """Keep ``message`` (the first one) as the error of a bad argument found while the
+    command line is read; :func:`handle_errors` raises it as a UsageError (exit 2) before
+    the command runs, so it fails like any other error: one line on stderr, and with
+    ``--json`` the error object on stdout (a click error would print usage instead, and no
+    JSON)."""
+    ctx.meta.setdefault(_BAD_ARGUMENT, message)
+
+
+_JSON_TYPES = {
+    list: "an array", str: "a string", int: "a number", float: "a number",
+    bool: "true or false", type(None): "null",
+}  # fmt: skip
+
+
+def json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """Click callback for an option that takes a JSON object (``--kwargs``): the object, or
+    (held, see :func:`_hold`) a one-line error naming the flag."""
+    if value is None:
+        return None
+    flag = param.opts[0] if param.opts else param.name
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg} at character {exc.pos + 1}"
+        _hold(ctx, f"{flag}: not valid JSON ({where}){_as_json(flag, value)}")
+        return None
+    if not isinstance(obj, dict):
+        kind = _JSON_TYPES.get(type(obj), type(obj).__name__)
+        _hold(
+            ctx, f"""{flag}: expected a JSON object such as '{{"num_classes": 10}}', not {kind}"""
+        )
+        return None
+    return obj
+
+
+def _as_json(flag: str, value: str) -> str:
+    """For a JSON typo that YAML reads as a mapping (``{num_classes: 10}``, single quotes):
+    the same object written as JSON."""
+    import yaml
+
+    try:
+        obj = yaml.safe_load(value)
+        text = json.dumps(obj)
+    except (yaml.YAMLError, TypeError, ValueError):
+        return ""
+    if not isinstance(obj, dict) or any(v is None for v in obj.values()):
+        return ""  # not what was meant: {num_classes:10} reads as {"num_classes:10": null}
+    return f"; JSON quotes its keys and strings: {flag} '{text}'"
+
+
+def target_spec(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback for ``--target`` and ``--reference``: a spec that is no file, no
+    ``hf://`` name and no ``pkg.module:callable`` can name nothing (held, see :func:`_hold`)."""
+    if value is None or ":" in value or os.path.exists(os.path.expanduser(value)):
+        return value
+    flag = param.opts[0] if param.opts else param.name
+    _hold(ctx, f"{flag} {value!r}: not a file, and not 'pkg.module:callable'")
+    return value
 
 
 def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,7 +212,11 @@ def target_options(required: bool) -> Callable[[Callable[..., Any]], Callable[..
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn = click.option(
-            "--kwargs", default=None, metavar="JSON", help="Keyword arguments for the model."
+            "--kwargs",
+            default=None,
+            metavar="JSON",
+            callback=json_object,
+            help="Keyword arguments for the model, a JSON object.",
         )(fn)
         where = "" if required else "Instead of B: "
         return click.option(
@@ -104,10 +225,14 @@ def target_options(required: bool) -> Callable[[Callable[..., Any]], Callable[..
             required=required,
             default=None,
             metavar="SPEC",
+            callback=target_spec,
             help=f"{where}pkg.module:callable, file.py:callable, a checkpoint or a manifest.",
         )(fn)
 
     return decorate
+
+
+QUIET_HELP = "Print nothing on success (no progress, no plan); errors and warnings still print."
 
 
 def _print_json(obj: Any) -> None:
@@ -159,7 +284,20 @@ def _plugin_warnings_on_one_line() -> None:
     warnings.showwarning = show
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group: a Ctrl-C before a command runs (while the command line is read,
+    or plug-ins are found) ends with exit code 130 too, not click's "Aborted!" and 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupts.handled()
+            _stderr("interrupted; nothing was written")
+            sys.exit(INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="ckptsurgeon")
 def cli(debug: bool) -> None:
@@ -226,7 +364,7 @@ def inspect(
     default=None,
     help="Output format (default: from OUTPUT's suffix); dcp writes a DCP folder.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 @click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @source_options
@@ -262,7 +400,10 @@ def convert(
     )
     if not launch().main:
         return
-    _stderr(f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})")
+    if not quiet:
+        _stderr(
+            f"wrote {result.path} ({len(result.files)} file(s), {human_bytes(result.total_bytes)})"
+        )
     if as_json:
         _print_json(result.to_dict())
 
@@ -275,9 +416,11 @@ def convert(
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--report", "report_path", default=None, help="Also write the JSON report here.")
 @click.option("--no-finetune", is_flag=True, help="Skip the finetune: section, if any.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no plan table.")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 @click.option(
-    "--verbose", is_flag=True, help="List every key in the plan (default: layer indices folded)."
+    "--verbose",
+    is_flag=True,
+    help="List every key in the plan (default: folded by action and name pattern).",
 )
 @click.option("--no-fsync", is_flag=True, help="Atomic but not durable: skip waiting for the disk.")
 @click.option(
@@ -319,7 +462,7 @@ def apply(
         durable=not no_fsync,
         progress=not quiet,
         finetune=not no_finetune,
-        reporter=_Printer(as_json=as_json, quiet=quiet, verbose=verbose),
+        reporter=_Printer(as_json=as_json, quiet=quiet, verbose=verbose, file=rules_file),
     )
     if as_json and launch().main:
         _print_json(result.to_dict())
@@ -328,15 +471,21 @@ def apply(
 class _Printer:
     """The job's reporter for ``apply`` and ``finetune``: the plan table, the up-to-date
     verdict and a dry run's fine-tune plan on stdout unless ``--json`` or ``--quiet``; the
-    fine-tune's lines on stdout, or on stderr when stdout carries JSON."""
+    fine-tune's lines on stdout, or on stderr when stdout carries JSON, unless ``--quiet``.
+    It also notes, for Ctrl-C's message, what was written and when the fine-tune of
+    ``file`` starts."""
 
-    def __init__(self, *, as_json: bool, quiet: bool, verbose: bool) -> None:
+    def __init__(self, *, as_json: bool, quiet: bool, verbose: bool, file: str) -> None:
         self.as_json = as_json
+        self.quiet = quiet
         self.shows = not (as_json or quiet)
         self.verbose = verbose
+        self.file = file
 
     def log(self, message: str) -> None:
-        click.echo(message, err=self.as_json)
+        _progress.finetuning = self.file  # the fine-tune is what logs
+        if not self.quiet:
+            click.echo(message, err=self.as_json)
 
     def up_to_date(self, output: str | None) -> None:
         if self.shows:
@@ -345,6 +494,8 @@ class _Printer:
     def planned(self, report: ApplyReport) -> None:
         from ckptsurgeon.reporting import plan as plan_report
 
+        if report.written is not None:
+            _progress.written = report.written.path
         if self.shows:
             plan_report.render(report, _console(), verbose=self.verbose)
 
@@ -395,8 +546,20 @@ def check(
     is_flag=True,
     help="With --suggest and --reference: add a verify: section, run it, print it if it passes.",
 )
-@click.option("--reference", default=None, metavar="SPEC", help="The model A loads into.")
-@click.option("--reference-kwargs", default=None, metavar="JSON", help="Its keyword arguments.")
+@click.option(
+    "--reference",
+    default=None,
+    metavar="SPEC",
+    callback=target_spec,
+    help="The model A loads into.",
+)
+@click.option(
+    "--reference-kwargs",
+    default=None,
+    metavar="JSON",
+    callback=json_object,
+    help="Its keyword arguments, a JSON object.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @source_options
 @handle_errors
@@ -546,6 +709,7 @@ def env(as_json: bool) -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Print the freeze and phases it would train; train nothing."
 )
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 @source_options
 @handle_errors
 def finetune(
@@ -554,12 +718,16 @@ def finetune(
     weights: str | None,
     as_json: bool,
     dry_run: bool,
+    quiet: bool,
     key: str | None,
     allow_globals: tuple[str, ...],
 ) -> None:
     """Run a file's finetune: section alone (torchrun-compatible)."""
     from ckptsurgeon.commands import finetune as run_finetune
+    from ckptsurgeon.engine.ranks import launch
 
+    if not dry_run:
+        _progress.finetuning = config
     result = run_finetune(
         config,
         resume=resume,
@@ -567,11 +735,11 @@ def finetune(
         dry_run=dry_run,
         key=key,
         allow_globals=allow_globals,
-        reporter=_Printer(as_json=as_json, quiet=False, verbose=False),
+        reporter=_Printer(as_json=as_json, quiet=quiet, verbose=False, file=config),
     )
-    if as_json:
+    if as_json and launch().main:  # under torchrun one JSON object, rank 0's
         _print_json(result.to_dict())
-    elif dry_run:
+    elif dry_run and not quiet:
         _show_finetune_plan(result.to_dict())
 
 
@@ -581,5 +749,40 @@ def _console():
     return Console(soft_wrap=True)
 
 
+class _Interrupts:
+    """Ctrl-C that no library can swallow.
+
+    torch imports numpy from C and, when that import fails, clears the error and goes on
+    without numpy; a Ctrl-C that lands in that import (a fraction of a second of every
+    command that loads torch) is lost that way, and the command runs on to the end. So
+    SIGINT is remembered until a handler here takes the KeyboardInterrupt, and while it
+    is pending every new import in the main thread raises it again (an audit hook), which
+    the next module torch imports soon does."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        sys.addaudithook(self._on_event)
+
+    def handled(self) -> None:
+        self.pending = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.pending = True
+        raise KeyboardInterrupt
+
+    def _on_event(self, event: str, args: tuple[Any, ...]) -> None:
+        if self.pending and event == "import" and threading.current_thread() is _MAIN_THREAD:
+            raise KeyboardInterrupt
+
+
+_interrupts = _Interrupts()
+_MAIN_THREAD = threading.main_thread()
+
+
 def main() -> None:
+    if threading.current_thread() is _MAIN_THREAD:  # signal handlers: main thread only
+        _interrupts.install()
     cli(prog_name="ckptsurgeon")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +40,49 @@ __all__ = ["apply", "check", "convert", "diff", "finetune", "inspect", "validate
 Kwargs = Mapping[str, Any] | str | None  # keyword arguments for a model: a mapping, or JSON
 
 
-def _kwargs_json(kwargs: Kwargs) -> str | None:
-    """Model keyword arguments as the target parser takes them (JSON text)."""
-    if kwargs is None or isinstance(kwargs, str):
+def _kwargs_json(kwargs: Kwargs, name: str = "kwargs") -> str | None:
+    """Model keyword arguments as the target parser takes them (JSON text); JSON text that
+    is not an object is a UsageError naming the argument, raised before anything heavy is
+    imported."""
+    if kwargs is None:
+        return None
+    if isinstance(kwargs, str):
+        try:
+            obj = json.loads(kwargs)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"{name}: not valid JSON ({exc.msg} at character {exc.pos + 1})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{name}: expected a JSON object, not {type(obj).__name__}")
         return kwargs
     return json.dumps(dict(kwargs)) if kwargs else None
+
+
+# torch's dtypes that are not floating point, by name (quantized, complex, narrow
+# integers, and the aliases torch also answers to).
+_NOT_FLOATING = re.compile(
+    r"q?u?int\d+|quint\d+x\d+|complex\d+|c(half|float|double)|long|int|short|bits\w+"
+)
+
+
+def _check_dtype_name(dtype: str) -> None:
+    """What can be told of a ``convert`` dtype without torch: a UsageError for a known
+    non-floating dtype or a name that is no dtype at all (exotic float names are left for
+    torch to judge)."""
+    from ckptsurgeon.formats.checkpoint import did_you_mean
+    from ckptsurgeon.formats.dtypes import FLOAT_DTYPES, KNOWN_NAMES, OTHER_DTYPES, canonical_dtype
+
+    name = canonical_dtype(dtype)
+    if name in FLOAT_DTYPES or re.fullmatch(r"b?float\d+(_\w+)?", name):
+        return  # a float8 or float4 variant: whether it is one, the torch installed says
+    if name in OTHER_DTYPES or _NOT_FLOATING.fullmatch(name):
+        raise UsageError(
+            f"dtype {dtype}: converting casts every floating tensor, so it takes a "
+            "floating-point dtype (bfloat16, float16, float32, ...)"
+        )
+    hint = did_you_mean(dtype.lower(), KNOWN_NAMES) or f"one of {', '.join(KNOWN_NAMES)}"
+    raise UsageError(f"dtype: unknown dtype {dtype!r}; {hint}")
 
 
 def _progress(progress: bool | Progress | None, label: str) -> Progress | None:
@@ -104,12 +143,13 @@ def check(
     """Would ``path`` load strictly into ``target`` (a model spec, checkpoint or manifest;
     ``kwargs`` for the model, a mapping or JSON)? Returns a
     :class:`~ckptsurgeon.targets.check.CheckResult` (``ok``, ``lines()``, ``to_dict()``)."""
+    kwargs_json = _kwargs_json(kwargs)
     from ckptsurgeon.formats import open_checkpoint
     from ckptsurgeon.targets.check import check_table
     from ckptsurgeon.targets.spec import target_from_cli
 
     allow_globals = tuple(allow_globals)
-    info = target_from_cli(target, _kwargs_json(kwargs), allow_globals)
+    info = target_from_cli(target, kwargs_json, allow_globals)
     return check_table(open_checkpoint(os.fspath(path), key, allow_globals).tensors, info)
 
 
@@ -135,12 +175,7 @@ def diff(
     The result's ``same`` says whether A and B are the same (with ``suggest``: whether the
     rules make A load strictly into B), its ``ok`` also that the verification passed.
     """
-    from ckptsurgeon.formats import open_checkpoint
-    from ckptsurgeon.paths import is_hf
-    from ckptsurgeon.rules.config import SourceSpec
-    from ckptsurgeon.suggest import absolute_target, compare, render_rules
-    from ckptsurgeon.targets.spec import resolve_target, target_spec_from_cli
-
+    # The arguments are judged before the imports below load torch.
     a = os.fspath(a)
     b = os.fspath(b) if b is not None else None
     allow_globals = tuple(allow_globals)
@@ -155,6 +190,14 @@ def diff(
     if b is not None and ":" not in b and not os.path.exists(os.path.expanduser(b)):
         raise InputError(f"{b}: no such file or folder")
     kwargs_json = _kwargs_json(kwargs)
+    reference_json = _kwargs_json(reference_kwargs, "reference_kwargs")
+
+    from ckptsurgeon.formats import open_checkpoint
+    from ckptsurgeon.paths import is_hf
+    from ckptsurgeon.rules.config import SourceSpec
+    from ckptsurgeon.suggest import absolute_target, compare, render_rules
+    from ckptsurgeon.targets.spec import resolve_target, target_spec_from_cli
+
     spec = target_spec_from_cli(b if b is not None else str(target), kwargs_json, allow_globals)
     ckpt = open_checkpoint(a, key, allow_globals)
     report = compare(ckpt, resolve_target(spec))
@@ -169,9 +212,7 @@ def diff(
         if verify and report.reconciled:
             from ckptsurgeon.suggest.verify import suggest_verify
 
-            ref = absolute_target(
-                target_spec_from_cli(str(reference), _kwargs_json(reference_kwargs))
-            )
+            ref = absolute_target(target_spec_from_cli(str(reference), reference_json))
             section, result.verified = suggest_verify(report, source, spec, ref, os.getcwd())
             section = section if result.verified.ok else None
         result.rules_file = render_rules(report, source, absolute_target(spec), section)
@@ -197,6 +238,20 @@ def convert(
 
     Under torchrun rank 0 converts while the other ranks wait, and every rank returns what
     rank 0 wrote (see :mod:`ckptsurgeon.engine.ranks`)."""
+    from ckptsurgeon.formats import registry
+    from ckptsurgeon.formats.writer import parse_size
+
+    # What the arguments alone decide fails now, not after torch is imported and the
+    # source read: the dtype, the output format, the shard size (the writer checks the
+    # output path itself, and these again).
+    if dtype is not None:
+        _check_dtype_name(dtype)
+    output_kind = registry.output_for(output, format)[1]
+    if max_shard_size is not None:
+        if not output_kind.folder:
+            raise UsageError("max_shard_size needs a folder output (a path with no suffix)")
+        parse_size(max_shard_size)
+
     from ckptsurgeon.job import hashing_ahead, running
 
     # With a dtype every floating tensor is converted, not copied: little to hash ahead.

@@ -10,6 +10,8 @@ importing torch. Both find formats, files and containers with the functions here
 
 from __future__ import annotations
 
+import difflib
+import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from typing import Any, Generic, TypeVar
 from ckptsurgeon.errors import CkptSurgeonError, InputError, PluginError, UsageError
 from ckptsurgeon.formats import hub, registry
 from ckptsurgeon.formats.family import ReadRequest
+from ckptsurgeon.reporting.fold import fold_rows
 
 # Suffixes that name torch pickles: the ones ckptsurgeon writes, and those it also reads.
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -63,6 +66,40 @@ class Checkpoint(Generic[T]):
     # GGUF: how many tensors the file stores in each of its types (Q4_K, F16, ...), all
     # dequantized on read; empty for every other format.
     quantization: dict[str, int] = field(default_factory=dict)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'model'?"`` naming the choices closest to ``word`` (a typo), or ""
+    when none is close; for the end of an error message."""
+    close = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def fold_names(names: Iterable[str], sep: str = ".") -> list[str]:
+    """``names`` with those that differ only in indices folded into one pattern each, in
+    order of first appearance: ``optimizer/state/0`` ... ``optimizer/state/61`` become
+    ``optimizer/state/{0..61}`` (with ``sep="/"``). The folding is ``inspect``'s and the
+    plan's (:func:`~ckptsurgeon.reporting.fold.fold_rows`), over segments split on ``sep``."""
+    names = list(names)
+    if sep == ".":
+        return [row.name for row in fold_rows(names, name=str)]
+    # fold_rows splits on dots: swap the separator in, keeping any dots a segment holds.
+    swapped = [n.replace(".", "\x00").replace(sep, ".") for n in names]
+    return [
+        sep.join(_OUTSIDE_BRACES.split(row.name)).replace("\x00", ".")
+        for row in fold_rows(swapped, name=str)
+    ]
+
+
+# A dot between segments of a folded name, not one of the ``..`` inside ``{0..61}``.
+_OUTSIDE_BRACES = re.compile(r"\.(?![^{}]*\})")
+
+
+def show_containers(containers: Iterable[str]) -> str:
+    """The containers a checkpoint holds, quoted and folded for one line of a message:
+    ``'model', 'optimizer/state/{0..61}'`` (the top level, ``""``, as ``(top level)``)."""
+    shown = [repr(c) if c else "(top level)" for c in fold_names(containers, sep="/")]
+    return ", ".join(shown) or "none"
 
 
 def detect_format(path: str) -> str:
@@ -162,7 +199,12 @@ def choose_prefix_container(ckpt: Checkpoint[Any], key: str | None) -> None:
     prefix = key.replace("/", ".") + "."
     picked = {n[len(prefix) :]: ref for n, ref in ckpt.tensors.items() if n.startswith(prefix)}
     if not picked:
-        raise UsageError(f"--key {key!r}: no tensors named '{prefix}*' in {ckpt.path}")
+        heads = [n.split(".", 1)[0] for n in ckpt.tensors if "." in n]
+        hint = did_you_mean(key, [*ckpt.containers, *heads])
+        raise UsageError(
+            f"--key {key!r}: no tensors named '{prefix}*' in {ckpt.path}"
+            + (f"; {hint}" if hint else "")
+        )
     ckpt.tensors = picked
     ckpt.container = key
     ckpt.note = ckpt.note or f"container {key!r} chosen with --key"

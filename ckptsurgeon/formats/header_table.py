@@ -82,7 +82,8 @@ def read_safetensors(
 ) -> Checkpoint[T]:
     """The checkpoint ``path`` names, held in the safetensors ``file`` or in the shards a
     ``*.safetensors.index.json`` ``file`` lists, as format ``fmt``, with
-    ``open_file(file, header)`` giving each file's tensors.
+    ``open_file(file, header)`` giving each file's tensors: a folder's shard by shard in
+    the order of their names (the order they were written in), each in its file's order.
 
     Every header is validated; every tensor must be in the shard the index names for it,
     and every tensor the index names in some shard (InputError otherwise)."""
@@ -93,7 +94,8 @@ def read_safetensors(
         )
     index = read_index(file)
     table: dict[str, T] = {}
-    for shard in index.shards:
+    # model-00001-of-00003... : not in the order the index's (sorted) names first meet them.
+    for shard in sorted(index.shards):
         header = read_header(shard)
         for name in header.tensors:
             if index.weight_map.get(name) != shard:

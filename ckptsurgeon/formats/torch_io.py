@@ -24,6 +24,8 @@ from ckptsurgeon.formats.checkpoint import (  # noqa: F401 (suffixes re-exported
     CONTAINER_PREFERENCE,
     TORCH_OUTPUT_SUFFIXES,
     TORCH_SUFFIXES,
+    did_you_mean,
+    show_containers,
 )
 
 # Modules whose classes can run code or reach the system; never admitted, even when named.
@@ -328,8 +330,11 @@ def choose_container(containers: dict[str, Mapping], key: str | None) -> tuple[s
     """
     if key is not None:
         if key not in containers:
-            known = ", ".join(repr(k) for k in containers) or "none"
-            raise UsageError(f"--key {key!r}: no tensor container there (found: {known})")
+            hint = did_you_mean(key, containers)
+            raise UsageError(
+                f"--key {key!r}: no tensor container there{f'; {hint}' if hint else ''} "
+                f"(found: {show_containers(containers)})"
+            )
         return key, f"container {key!r} chosen with --key"
     if not containers:
         raise InputError("no tensors found in this checkpoint")

@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from ckptsurgeon.formats import registry
+from ckptsurgeon.formats.checkpoint import show_containers
 from ckptsurgeon.formats.dtypes import dtype_name
 from ckptsurgeon.reporting.fold import fold_rows
 from ckptsurgeon.reporting.text import columns, human_bytes, human_count
@@ -72,9 +73,16 @@ def render(summary: dict[str, Any], console: Console, show_all: bool = False) ->
     from rich.tree import Tree
 
     tensors = summary["tensors"]
+    if "safetensors" in summary["format"]:
+        # safetensors stores tensors widest dtype first, then by name (its reference writer's
+        # layout, which ours matches byte for byte): in file order every int64 buffer would
+        # lead. By name, each module's tensors sit together, layers in numeric order.
+        tensors = dict(sorted(tensors.items(), key=lambda item: _natural(item[0])))
     console.print(f"[bold]{summary['path']}[/]  format: {summary['format']}")
     if [c for c in summary["containers"] if c]:
-        console.print(f"containers: {', '.join(repr(c) for c in summary['containers'])}")
+        console.print(
+            f"containers: {show_containers(summary['containers'])}", markup=False, highlight=False
+        )
     if summary["note"]:
         console.print(f"state dict: {summary['note']}")
     if "quantization" in summary:
@@ -140,6 +148,11 @@ def render(summary: dict[str, Any], console: Console, show_all: bool = False) ->
     if summary["aliases"]:
         for name, other in summary["aliases"].items():
             console.print(f"alias: {name} shares storage with {other}")
+
+
+def _natural(name: str) -> tuple[tuple[int, int | str], ...]:
+    """``layer10`` after ``layer2``: digit runs compare as numbers."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
 
 
 def _numel(shape: list[int]) -> int:

@@ -15,6 +15,7 @@ from ckptsurgeon.errors import UsageError
 from ckptsurgeon.formats import registry
 from ckptsurgeon.formats.dtypes import FLOAT_DTYPES, KNOWN_NAMES, OTHER_DTYPES, canonical_dtype
 from ckptsurgeon.formats.kinds import output_kind
+from ckptsurgeon.rules.patterns import show_pattern
 from ckptsurgeon.schema import Strict
 from ckptsurgeon.targets.config import TargetSpec
 
@@ -28,7 +29,7 @@ def _check_regex(pattern: str) -> str:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        raise ValueError(f"invalid regular expression {show_pattern(pattern)}: {exc}") from None
     return pattern
 
 

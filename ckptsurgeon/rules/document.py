@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from ckptsurgeon.errors import RulesError
+from ckptsurgeon.formats.checkpoint import did_you_mean
 from ckptsurgeon.rules import yamlnodes
 from ckptsurgeon.rules.config import CheckSpec, OutputSpec, SourceSpec, Strict, TargetSpec
 from ckptsurgeon.rules.finetune import FinetuneSpec
@@ -108,11 +109,11 @@ def validate_document(located: yamlnodes.Located) -> RulesFile:
             loc = tuple(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown field"
+                msg = _unknown_field(loc)
             elif err["type"] == "union_tag_invalid":
-                msg = f"unknown op {err.get('input', {}).get('op')!r}; known ops: " + ", ".join(
-                    sorted(_known_ops())
-                )
+                msg = _unknown_op(err.get("input", {}).get("op"))
+            elif err["type"] == "union_tag_not_found" and loc[:1] == ("rules",):
+                msg = "no 'op' field: every rule names its op (op: rename, op: drop, ...)"
             lines.append(f"{located.where(_clean_loc(loc, data))}: {_label(loc, data)}: {msg}")
         more = len(exc.errors()) - len(lines)
         if more > 0:
@@ -134,9 +135,11 @@ def _check_sources_declared(rules: RulesFile, located: yamlnodes.Located) -> Non
                 continue
             loc = ("rules", i, "from", j) if isinstance(op.from_, list) else ("rules", i, "from")
             declared = ", ".join(map(repr, rules.sources)) or "none"
+            hint = did_you_mean(name, rules.sources)
             raise RulesError(
                 f"invalid rules file:\n  {located.where(loc)}: rules[{i}] ({op.op}).from: "
                 f"no source named {name!r} under sources: (declared: {declared})"
+                + (f"; {hint}" if hint else "")
             )
 
 
@@ -144,6 +147,64 @@ def _known_ops() -> list[str]:
     from ckptsurgeon.rules.ops import OPS
 
     return list(OPS)
+
+
+def _unknown_op(op: Any) -> str:
+    hint = did_you_mean(op, _known_ops()) if isinstance(op, str) else ""
+    known = "known ops: " + ", ".join(sorted(_known_ops()))
+    return f"unknown op {op!r}; {hint} {known}" if hint else f"unknown op {op!r}; {known}"
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    """The message for an unknown field at ``loc``, naming the fields accepted there: the
+    closest to the one given (a typo), or all of them."""
+    known = _fields_at(loc[:-1])
+    if not known:
+        return "unknown field"
+    hint = did_you_mean(str(loc[-1]), known)
+    return (
+        f"unknown field; {hint}" if hint else f"unknown field; expected one of: {', '.join(known)}"
+    )
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The names of the fields the section at pydantic's ``loc`` takes (as a rules file
+    spells them: aliases), found by walking the models from :class:`RulesFile`: a field name
+    steps into its type, a union's tag (a model's name, an op) picks that member, and list
+    indices and mapping keys stay on the same models. Empty when that is not one model."""
+    models: list[type[BaseModel]] = [RulesFile]
+    for item in loc:
+        if not isinstance(item, str):
+            continue
+        holders = [m for m in models if item in _field_names(m)]
+        if holders:
+            fields = [_field(m, item) for m in holders]
+            models = [inner for f in fields for inner in _models_in(f.annotation)]
+            continue
+        tagged = [m for m in models if item in (m.__name__, _op_tag(m))]
+        models = tagged or models
+    names = {tuple(_field_names(m)) for m in models}
+    return sorted(names.pop()) if len(names) == 1 else []
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _field(model: type[BaseModel], name: str) -> Any:
+    return next(f for n, f in model.model_fields.items() if (f.alias or n) == name)
+
+
+def _op_tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("op")
+    return field.default if field is not None and isinstance(field.default, str) else None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation holds: itself, or inside a union, Annotated, list or dict."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
 def load_rules(path: str | os.PathLike) -> RulesFile:

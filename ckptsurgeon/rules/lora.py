@@ -45,6 +45,7 @@ from ckptsurgeon.errors import FitError, UsageError
 from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.formats.peft_adapter import Adapter, LoraSettings
 from ckptsurgeon.formats.table import Table, TensorRef
+from ckptsurgeon.rules.patterns import show_pattern
 
 PEFT_PREFIX = "base_model.model."
 _PARTS = {
@@ -117,7 +118,7 @@ def pattern_value(patterns: Mapping[str, V], module: str, default: V, where: str
             if re.match(rf"(.*\.)?({key})$", module):
                 return patterns[key]
         except re.error as exc:
-            raise UsageError(f"{where}: pattern {key!r}: {exc}") from None
+            raise UsageError(f"{where}: pattern {show_pattern(key)}: {exc}") from None
     return patterns.get(module, default)
 
 

@@ -21,6 +21,7 @@ from pydantic import Field
 from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.rules.config import Pattern, Strict
+from ckptsurgeon.rules.patterns import show_pattern
 
 if TYPE_CHECKING:
     from ckptsurgeon.formats.table import Table, TensorRef
@@ -72,7 +73,7 @@ class Op(Strict):
 
     def describe_selector(self) -> str:
         pattern = getattr(self, "pattern", None)
-        return f"pattern {pattern!r}" if pattern else "the op"
+        return f"pattern {show_pattern(pattern)}" if pattern else "the op"
 
     def input_files(self, base_dir: str) -> list[str]:
         """Files or folders the op reads besides the source (the up-to-date record lists
@@ -149,4 +150,4 @@ def check_template(pattern: str, template: str) -> None:
     try:
         re.compile(pattern).sub(template, "")  # parses the template even with no match
     except (re.error, IndexError) as exc:
-        raise ValueError(f"template {template!r}: {exc}") from None
+        raise ValueError(f"template {show_pattern(template)}: {exc}") from None

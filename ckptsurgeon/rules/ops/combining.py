@@ -16,6 +16,7 @@ from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.rules.config import InitName, Pattern
 from ckptsurgeon.rules.ops.base import Context, Op, check_template, register
 from ckptsurgeon.rules.ops.kernels import _weighted_mean
+from ckptsurgeon.rules.patterns import show_pattern
 
 if TYPE_CHECKING:
     from ckptsurgeon.formats.table import Table, TensorRef
@@ -66,7 +67,7 @@ class Take(FromSources):
         return [self.from_]
 
     def describe_selector(self) -> str:
-        return f"pattern {self.pattern!r} in source {self.from_!r}"
+        return f"pattern {show_pattern(self.pattern)} in source {self.from_!r}"
 
     def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         taken: dict[str, TensorRef] = {}
@@ -225,7 +226,7 @@ class _FromTarget(Op):
         return [n for n in names if self.pattern is None or self.regex.search(n)]
 
     def describe_selector(self) -> str:
-        where = f" among keys matching {self.pattern!r}" if self.pattern else ""
+        where = f" among keys matching {show_pattern(self.pattern)}" if self.pattern else ""
         return f"{self.nothing_found}{where}:"
 
 

@@ -12,6 +12,7 @@ from ckptsurgeon.errors import FitError
 from ckptsurgeon.formats.actions import Action
 from ckptsurgeon.rules.config import Pattern
 from ckptsurgeon.rules.ops.base import Context, Op, build_table, check_template, register
+from ckptsurgeon.rules.patterns import show_pattern
 
 if TYPE_CHECKING:
     from ckptsurgeon.formats.table import Table, TensorRef
@@ -21,7 +22,7 @@ def _expand(match: re.Match[str], template: str, ctx: Context) -> str:
     try:
         return match.expand(template)
     except (re.error, IndexError) as exc:
-        raise FitError(f"{ctx.where}: template {template!r}: {exc}") from None
+        raise FitError(f"{ctx.where}: template {show_pattern(template)}: {exc}") from None
 
 
 @register

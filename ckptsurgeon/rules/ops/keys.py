@@ -19,6 +19,7 @@ from ckptsurgeon.rules.ops.base import (
     register,
     rename_keys,
 )
+from ckptsurgeon.rules.patterns import show_pattern
 
 if TYPE_CHECKING:
     from ckptsurgeon.formats.table import Table
@@ -85,7 +86,9 @@ class Rename(_Substitution):
         try:
             return rename_keys(table, ctx, new, "renamed")
         except (re.error, IndexError) as exc:
-            raise FitError(f"{ctx.where}: replacement {self.replace!r}: {exc}") from None
+            raise FitError(
+                f"{ctx.where}: replacement {show_pattern(self.replace)}: {exc}"
+            ) from None
 
 
 @register
@@ -114,7 +117,9 @@ class Drop(Op):
 
     def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         gone = [n for n in table if self.regex.search(n)]
-        ctx.dropped.update(dict.fromkeys(gone, f"{ctx.where}: matches {self.pattern!r}"))
+        ctx.dropped.update(
+            dict.fromkeys(gone, f"{ctx.where}: matches {show_pattern(self.pattern)}")
+        )
         return {n: r for n, r in table.items() if n not in set(gone)}, len(gone)
 
 
@@ -128,7 +133,11 @@ class Keep(Op):
     def rewrite(self, table: Table, ctx: Context) -> tuple[Table, int]:
         kept = {n: r for n, r in table.items() if self.regex.search(n)}
         ctx.dropped.update(
-            {n: f"{ctx.where}: does not match {self.pattern!r}" for n in table if n not in kept}
+            {
+                n: f"{ctx.where}: does not match {show_pattern(self.pattern)}"
+                for n in table
+                if n not in kept
+            }
         )
         return kept, len(kept)
 
