@@ -4,6 +4,8 @@
     python examples/make_combine.py            # all, into examples/checkpoints/
     python examples/make_combine.py resnet18_snapshots
 
+(``python examples/make_checkpoints.py`` makes them too, with all the other examples.)
+
 Tests import these functions to build the same inputs in temporary folders.
 """
 

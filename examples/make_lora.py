@@ -3,6 +3,8 @@ LoRA adapter made on it, with nothing downloaded:
 
     python examples/make_lora.py        # into examples/checkpoints/tiny_llama_lora/
 
+(``python examples/make_checkpoints.py`` makes it too, with all the other examples.)
+
 The adapter is what ``peft``'s ``save_pretrained`` writes (``adapter_config.json`` and
 ``adapter_model.safetensors``), with its factors set to seeded random values as if trained
 (a fresh LoRA's ``lora_B`` is zero, and merging it would change nothing). ``tiny_llama``
@@ -54,6 +56,19 @@ def make(folder: Path) -> tuple[Path, Path]:
     return base_path, adapter
 
 
-if __name__ == "__main__":
+def tiny_llama_lora(folder: Path) -> Path:
+    """``make`` into ``folder/tiny_llama_lora`` (where the rules file looks); returns it."""
+    make(folder / "tiny_llama_lora")
+    return folder / "tiny_llama_lora"
+
+
+def main() -> None:
+    from make_checkpoints import quiet  # a sibling script: the same quiet libraries
+
+    quiet()
     for path in make(HERE / "checkpoints" / "tiny_llama_lora"):
         print(path)
+
+
+if __name__ == "__main__":
+    main()
