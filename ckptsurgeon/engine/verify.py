@@ -41,7 +41,7 @@ from ckptsurgeon.targets.check import check_table
 from ckptsurgeon.targets.config import TargetSpec
 from ckptsurgeon.targets.models import build_model
 from ckptsurgeon.targets.outputs import output_tensor
-from ckptsurgeon.targets.spec import TargetInfo, expected_from_model
+from ckptsurgeon.targets.spec import TargetInfo, expected_from_model, tied_names
 
 # (atol, rtol) by the least precise floating dtype of the result: bf16 keeps 8 bits of
 # mantissa, fp16 11, fp32 24; the bounds leave room for the rounding of a whole forward pass.
@@ -499,15 +499,11 @@ def match_modules(
 def _with_tied(plan: Table, model: nn.Module) -> Table:
     """``plan`` with each name the model ties to a planned one (an embedding and its head)
     planned as that one: loading either sets both."""
-    groups: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
     out = dict(plan)
-    for names in groups.values():
-        held = next((plan[n] for n in names if n in plan), None)
-        for name in names:
-            if held is not None and name not in plan:
-                out[name] = held
+    for name, group in tied_names(model).items():
+        held = next((plan[n] for n in group if n in plan), None)
+        if held is not None and name not in plan:
+            out[name] = held
     return out
 
 

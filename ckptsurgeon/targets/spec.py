@@ -43,13 +43,7 @@ class TargetInfo:
     def tied(self) -> dict[str, tuple[str, ...]]:
         """For each name whose tensor the model shares with other names (tied embeddings),
         every name sharing it, in state-dict order; empty without a model."""
-        if self.model is None:
-            return {}
-        groups: dict[int, list[str]] = {}
-        for name, t in self.model.state_dict(keep_vars=True).items():
-            if isinstance(t, torch.Tensor):
-                groups.setdefault(id(t), []).append(name)
-        return {n: tuple(g) for g in groups.values() if len(g) > 1 for n in g}
+        return tied_names(self.model) if self.model is not None else {}
 
     def retie(self, model: nn.Module) -> None:
         """Share each tied group's first tensor under all its names again in ``model`` (this
@@ -80,6 +74,16 @@ class TargetInfo:
                 "kaiming_uniform"
             )
         return {n: initialize.from_scheme(n, *self.expected[n], init, seed) for n in names}
+
+
+def tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """For each state-dict name whose tensor ``model`` shares with other names (tied
+    embeddings), every name sharing it, in state-dict order."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor):
+            groups.setdefault(id(t), []).append(name)
+    return {n: tuple(g) for g in groups.values() if len(g) > 1 for n in g}
 
 
 def expected_from_model(model: nn.Module) -> Expected:
