@@ -40,23 +40,18 @@ __all__ = ["apply", "check", "convert", "diff", "finetune", "inspect", "validate
 Kwargs = Mapping[str, Any] | str | None  # keyword arguments for a model: a mapping, or JSON
 
 
-def _kwargs_json(kwargs: Kwargs, name: str = "kwargs") -> str | None:
-    """Model keyword arguments as the target parser takes them (JSON text); JSON text that
-    is not an object is a UsageError naming the argument, raised before anything heavy is
-    imported."""
-    if kwargs is None:
-        return None
-    if isinstance(kwargs, str):
-        try:
-            obj = json.loads(kwargs)
-        except json.JSONDecodeError as exc:
-            raise UsageError(
-                f"{name}: not valid JSON ({exc.msg} at character {exc.pos + 1})"
-            ) from None
-        if not isinstance(obj, dict):
-            raise UsageError(f"{name}: expected a JSON object, not {type(obj).__name__}")
-        return kwargs
-    return json.dumps(dict(kwargs)) if kwargs else None
+def _kwargs(kwargs: Kwargs, name: str = "kwargs") -> dict[str, Any]:
+    """Model keyword arguments as a dict; JSON text that is not an object is a UsageError
+    naming the argument, raised before anything heavy is imported."""
+    if not isinstance(kwargs, str):
+        return dict(kwargs or {})
+    try:
+        obj = json.loads(kwargs)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{name}: not valid JSON ({exc.msg} at character {exc.pos + 1})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{name}: expected a JSON object, not {type(obj).__name__}")
+    return obj
 
 
 # torch's dtypes that are not floating point, by name (quantized, complex, narrow
@@ -143,13 +138,13 @@ def check(
     """Would ``path`` load strictly into ``target`` (a model spec, checkpoint or manifest;
     ``kwargs`` for the model, a mapping or JSON)? Returns a
     :class:`~ckptsurgeon.targets.check.CheckResult` (``ok``, ``lines()``, ``to_dict()``)."""
-    kwargs_json = _kwargs_json(kwargs)
+    model_kwargs = _kwargs(kwargs)
     from ckptsurgeon.formats import open_checkpoint
     from ckptsurgeon.targets.check import check_table
     from ckptsurgeon.targets.spec import target_from_cli
 
     allow_globals = tuple(allow_globals)
-    info = target_from_cli(target, kwargs_json, allow_globals)
+    info = target_from_cli(target, model_kwargs, allow_globals)
     return check_table(open_checkpoint(os.fspath(path), key, allow_globals).tensors, info)
 
 
@@ -189,8 +184,8 @@ def diff(
         raise UsageError("kwargs goes with target")
     if b is not None and ":" not in b and not os.path.exists(os.path.expanduser(b)):
         raise InputError(f"{b}: no such file or folder")
-    kwargs_json = _kwargs_json(kwargs)
-    reference_json = _kwargs_json(reference_kwargs, "reference_kwargs")
+    model_kwargs = _kwargs(kwargs)
+    reference_model_kwargs = _kwargs(reference_kwargs, "reference_kwargs")
 
     from ckptsurgeon.formats import open_checkpoint
     from ckptsurgeon.paths import is_hf
@@ -198,7 +193,7 @@ def diff(
     from ckptsurgeon.suggest import absolute_target, compare, render_rules
     from ckptsurgeon.targets.spec import resolve_target, target_spec_from_cli
 
-    spec = target_spec_from_cli(b if b is not None else str(target), kwargs_json, allow_globals)
+    spec = target_spec_from_cli(b if b is not None else str(target), model_kwargs, allow_globals)
     ckpt = open_checkpoint(a, key, allow_globals)
     report = compare(ckpt, resolve_target(spec))
     result = DiffResult(report, suggest=suggest)
@@ -212,7 +207,7 @@ def diff(
         if verify and report.reconciled:
             from ckptsurgeon.suggest.verify import suggest_verify
 
-            ref = absolute_target(target_spec_from_cli(str(reference), reference_json))
+            ref = absolute_target(target_spec_from_cli(str(reference), reference_model_kwargs))
             section, result.verified = suggest_verify(report, source, spec, ref, os.getcwd())
             section = section if result.verified.ok else None
         result.rules_file = render_rules(report, source, absolute_target(spec), section)

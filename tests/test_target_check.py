@@ -288,7 +288,7 @@ def test_regnet_is_built_on_the_cpu_when_meta_fails(tmp_path: Path) -> None:
 
     # Failing on the CPU too is still bad usage, with the reason.
     with pytest.raises(ckptsurgeon.UsageError, match="on the CPU: TypeError"):
-        target_from_cli("torchvision.models:regnet_x_400mf", '{"no_such_argument": 1}')
+        target_from_cli("torchvision.models:regnet_x_400mf", {"no_such_argument": 1})
 
 
 # --- extra state ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,26 +137,19 @@ def resolve_target(spec: TargetSpec, base_dir: str | None = None) -> TargetInfo:
 
 
 def target_from_cli(
-    spec: str, kwargs_json: str | None, allow_globals: Iterable[str] = ()
+    spec: str, kwargs: Mapping[str, Any] | None = None, allow_globals: Iterable[str] = ()
 ) -> TargetInfo:
     """``--target SPEC [--kwargs JSON]``: a model spec, a checkpoint, or a manifest file."""
-    return resolve_target(target_spec_from_cli(spec, kwargs_json, allow_globals))
+    return resolve_target(target_spec_from_cli(spec, kwargs, allow_globals))
 
 
 def target_spec_from_cli(
-    spec: str, kwargs_json: str | None, allow_globals: Iterable[str] = ()
+    spec: str, kwargs: Mapping[str, Any] | None = None, allow_globals: Iterable[str] = ()
 ) -> TargetSpec:
-    """The ``target:`` section that ``--target SPEC [--kwargs JSON]`` stands for; a reference
-    checkpoint admits the command's ``--allow-global`` classes too (they name trusted
-    classes, not one file), while its container is found on its own (``--key`` is PATH's)."""
-    kwargs: dict[str, Any] = {}
-    if kwargs_json:
-        try:
-            kwargs = json.loads(kwargs_json)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--kwargs: not JSON: {exc}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError("--kwargs: must be a JSON object")
+    """The ``target:`` section that ``--target SPEC [--kwargs JSON]`` stands for (``kwargs``
+    as the command parsed them); a reference checkpoint admits the command's
+    ``--allow-global`` classes too (they name trusted classes, not one file), while its
+    container is found on its own (``--key`` is PATH's)."""
     if is_hf(spec):  # a model in the Hugging Face cache: its weights are the reference
         return TargetSpec(checkpoint=spec, allow_globals=list(allow_globals))
     if os.path.exists(os.path.expanduser(spec)):
@@ -164,7 +157,7 @@ def target_spec_from_cli(
             return TargetSpec(manifest=spec)
         return TargetSpec(checkpoint=spec, allow_globals=list(allow_globals))
     if ":" in spec:
-        return TargetSpec(model=spec, kwargs=kwargs)
+        return TargetSpec(model=spec, kwargs=dict(kwargs or {}))
     raise UsageError(f"--target {spec!r}: not a file, and not 'pkg.module:callable'")
 
 
